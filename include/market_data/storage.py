@@ -1,0 +1,331 @@
+"""Parquet partitions: raw klines and curated features, one file per UTC day.
+
+Writes are atomic (temp file + ``os.replace`` locally, a single object PUT on object
+stores) and merge with what the partition holds, under a per-partition file lock, so
+re-running a window is idempotent and two runs writing the same day never lose each
+other's rows. A partition that cannot be read is moved to ``_quarantine/`` and treated
+as absent, so its candles are fetched again rather than crash-looping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from include.market_data import observability
+from include.market_data.schema import RAW_SCHEMA, SCHEMA_VERSION, validate_raw
+from include.market_data.timeframes import DAY_MS, day_key, day_start_ms, ms_to_utc
+
+log = observability.get_logger(__name__)
+
+QUARANTINE_DIR = "_quarantine"
+LOCK_DIR = "_locks"
+_PARTITION_RE = re.compile(r"^(?P<symbol>[A-Z0-9]{5,20})_(?P<interval>[0-9]+[smhdwM])_(?P<day>\d{8})\.parquet$")
+_CURATED_RE = re.compile(r"^(?P<interval>[0-9]+[smhdwM])_curated_(?P<day>\d{8})\.parquet$")
+
+
+def resolve_root(location: str):
+    """A local ``Path`` for plain paths, an Airflow ``ObjectStoragePath`` for URLs (``s3://...``)."""
+    if "://" in location and not location.startswith("file://"):
+        from airflow.sdk import ObjectStoragePath  # deferred: heavy, and only needed for object stores
+
+        return ObjectStoragePath(location)
+    return Path(location.removeprefix("file://")).absolute()
+
+
+def _is_local(path) -> bool:
+    return isinstance(path, Path)
+
+
+def day_from_key(key: str) -> int:
+    moment = datetime.strptime(key, "%Y%m%d").replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    path: str
+    day_ms: int
+    rows_before: int
+    rows_after: int
+    added: int
+    revised: int
+
+
+class PartitionIO:
+    """Read, lock, merge and atomically replace Parquet files under one root."""
+
+    def __init__(self, root: str):
+        self.root = resolve_root(root)
+        self.quarantined: list[str] = []
+
+    # -- low level ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, path) -> Iterator[None]:
+        """Exclusive lock on one partition across processes (local files; object stores
+        rely on the single-PUT write, see the README)."""
+        if not _is_local(path):
+            yield
+            return
+        lock_dir = self.root / LOCK_DIR
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        lock_name = str(path.relative_to(self.root)).replace(os.sep, "__") + ".lock"
+        with open(lock_dir / lock_name, "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def read(self, path, columns: list[str] | None = None) -> pa.Table | None:
+        """The table in ``path``; ``None`` when absent or unreadable (then quarantined)."""
+        if not path.exists():
+            return None
+        try:
+            with path.open("rb") as handle:
+                return pq.read_table(handle, columns=columns)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            self.quarantine(path, reason=str(exc))
+            return None
+
+    def read_metadata(self, path) -> dict[str, str]:
+        with path.open("rb") as handle:
+            raw = pq.read_schema(handle).metadata or {}
+        return {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"ARROW")}
+
+    def quarantine(self, path, reason: str) -> None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        target_dir = self.root / QUARANTINE_DIR
+        target_dir.mkdir(parents=True, exist_ok=True)
+        target = target_dir / f"{path.name}.{stamp}"
+        path.rename(target)
+        self.quarantined.append(str(path))
+        log.warning("partition quarantined", path=str(path), moved_to=str(target), reason=reason[:300],
+                    status="quarantined")
+
+    def write_atomic(self, path, table: pa.Table, metadata: dict[str, str]) -> None:
+        """Replace ``path`` with ``table`` in one step; readers see the old or the new file."""
+        schema_meta = {**(table.schema.metadata or {}), **{k.encode(): str(v).encode() for k, v in metadata.items()}}
+        table = table.replace_schema_metadata(schema_meta)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not _is_local(path):
+            with path.open("wb") as handle:  # one object PUT: atomic on S3/GCS
+                pq.write_table(table, handle, compression="snappy")
+            return
+        temp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(temp, "wb") as handle:
+                pq.write_table(table, handle, compression="snappy")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, path)
+        finally:
+            if temp.exists():
+                temp.unlink()
+
+    def merge(
+        self,
+        path,
+        day_ms: int,
+        new: pa.Table,
+        metadata: dict[str, str],
+        replaces: Callable[[pa.Table], np.ndarray],
+        sort_keys: list[tuple[str, str]],
+        validate: Callable[[pa.Table], None],
+    ) -> MergeResult:
+        """Merge ``new`` into the partition at ``path`` under its lock.
+
+        ``replaces(existing)`` marks the existing rows that ``new`` supersedes. Nothing is
+        written when the merge changes no row, so re-running leaves the file untouched.
+        """
+        with self.lock(path):
+            existing = self.read(path)
+            new = new.sort_by(sort_keys)
+            if existing is None:
+                merged, unchanged, revised = new, False, 0
+            else:
+                existing = existing.replace_schema_metadata(None)
+                superseded = replaces(existing)
+                kept = existing.filter(pa.array(~superseded))
+                old = existing.filter(pa.array(superseded)).sort_by(sort_keys)
+                new = new.cast(existing.schema)
+                merged = pa.concat_tables([kept, new])
+                unchanged = old.equals(new)
+                revised = _count_revised(old, new, sort_keys)
+            merged = merged.sort_by(sort_keys)
+            validate(merged)
+            rows_before = 0 if existing is None else existing.num_rows
+            result = MergeResult(str(path), day_ms, rows_before, merged.num_rows,
+                                 merged.num_rows - rows_before, revised)
+            if not unchanged:
+                self.write_atomic(path, merged, metadata)
+            return result
+
+
+def _count_revised(old: pa.Table, new: pa.Table, keys: list[tuple[str, str]]) -> int:
+    """Rows of ``old`` whose replacement in ``new`` differs (a revised candle)."""
+    if old.num_rows == 0:
+        return 0
+    key_names = [name for name, _ in keys]
+    joined = old.join(new, keys=key_names, right_suffix="__new", join_type="inner")
+    revised = 0
+    for name in old.column_names:
+        if name in key_names or f"{name}__new" not in joined.column_names:
+            continue
+        left, right = joined.column(name), joined.column(f"{name}__new").cast(joined.column(name).type)
+        revised = max(revised, int(pc.sum(pc.not_equal(left, right)).as_py() or 0))
+    return revised
+
+
+def _split_by_day(table: pa.Table) -> dict[int, pa.Table]:
+    times = pc.cast(table.column("open_time"), pa.int64()).to_numpy()
+    days = times // DAY_MS * DAY_MS
+    return {int(day): table.filter(pa.array(days == day)) for day in np.unique(days)}
+
+
+class RawStore:
+    """``RAW_DATA_DIR/<interval>/<SYMBOL>_<interval>_<YYYYMMDD>.parquet``."""
+
+    def __init__(self, root: str):
+        self.io = PartitionIO(root)
+        self.root = self.io.root
+
+    def path(self, interval: str, symbol: str, day_ms: int):
+        return self.root / interval / f"{symbol}_{interval}_{day_key(day_ms)}.parquet"
+
+    def days(self, interval: str, symbol: str) -> list[int]:
+        """Start (ms) of each UTC day that has a partition, ascending."""
+        directory = self.root / interval
+        if not directory.exists():
+            return []
+        found = []
+        for entry in directory.iterdir():
+            match = _PARTITION_RE.match(entry.name)
+            if match and match["symbol"] == symbol and match["interval"] == interval:
+                found.append(day_from_key(match["day"]))
+        return sorted(found)
+
+    def read_day(self, interval: str, symbol: str, day_ms: int, columns: list[str] | None = None) -> pa.Table | None:
+        return self.io.read(self.path(interval, symbol, day_ms), columns=columns)
+
+    def read(self, interval: str, symbol: str, start_ms: int, end_ms: int,
+             columns: list[str] | None = None) -> pa.Table:
+        """Rows with ``open_time`` in ``[start_ms, end_ms)``, sorted, across partitions."""
+        parts = []
+        for day in range(day_start_ms(start_ms), end_ms, DAY_MS):
+            table = self.read_day(interval, symbol, day, columns=columns)
+            if table is not None:
+                parts.append(table.replace_schema_metadata(None))
+        schema = RAW_SCHEMA if columns is None else pa.schema([RAW_SCHEMA.field(c) for c in columns])
+        if not parts:
+            return schema.empty_table()
+        table = pa.concat_tables(parts)
+        times = pc.cast(table.column("open_time"), pa.int64())
+        mask = pc.and_(pc.greater_equal(times, start_ms), pc.less(times, end_ms))
+        return table.filter(mask)
+
+    def read_days(self, interval: str, symbol: str, days: list[int]) -> pa.Table:
+        """Every row of the given day partitions, concatenated in day order (absent days skipped)."""
+        parts = []
+        for day in days:
+            table = self.read_day(interval, symbol, day)
+            if table is not None:
+                parts.append(table.replace_schema_metadata(None))
+        return pa.concat_tables(parts) if parts else RAW_SCHEMA.empty_table()
+
+    def open_times(self, interval: str, symbol: str, start_ms: int, end_ms: int) -> np.ndarray:
+        table = self.read(interval, symbol, start_ms, end_ms, columns=["open_time"])
+        return pc.cast(table.column("open_time"), pa.int64()).to_numpy()
+
+    def metadata(self, interval: str, symbol: str, day_ms: int) -> dict[str, str]:
+        return self.io.read_metadata(self.path(interval, symbol, day_ms))
+
+    def write(self, interval: str, symbol: str, table: pa.Table, provenance: dict[str, str]) -> list[MergeResult]:
+        """Merge ``table`` (RAW_SCHEMA rows) into its day partitions; returns one result per day."""
+        if table.num_rows == 0:
+            return []
+        table = table.replace_schema_metadata(None)
+        validate_raw(table.sort_by("open_time"), interval)
+        metadata = {**provenance, "symbol": symbol, "interval": interval, "schema_version": SCHEMA_VERSION}
+        results = []
+        for day, rows in sorted(_split_by_day(table).items()):
+            new_times = pc.cast(rows.column("open_time"), pa.int64()).to_numpy()
+            results.append(
+                self.io.merge(
+                    self.path(interval, symbol, day),
+                    day,
+                    rows,
+                    metadata,
+                    replaces=lambda existing, t=new_times: np.isin(
+                        pc.cast(existing.column("open_time"), pa.int64()).to_numpy(), t),
+                    sort_keys=[("open_time", "ascending")],
+                    validate=lambda merged: validate_raw(merged, interval),
+                )
+            )
+        return results
+
+
+class CuratedStore:
+    """``CURATED_DATA_DIR/<interval>_curated_<YYYYMMDD>.parquet``: every symbol of a day in one file."""
+
+    def __init__(self, root: str):
+        self.io = PartitionIO(root)
+        self.root = self.io.root
+
+    def path(self, interval: str, day_ms: int):
+        return self.root / f"{interval}_curated_{day_key(day_ms)}.parquet"
+
+    def days(self, interval: str) -> list[int]:
+        if not self.root.exists():
+            return []
+        found = []
+        for entry in self.root.iterdir():
+            match = _CURATED_RE.match(entry.name)
+            if match and match["interval"] == interval:
+                found.append(day_from_key(match["day"]))
+        return sorted(found)
+
+    def read(self, interval: str, start_ms: int, end_ms: int, symbol: str | None = None) -> pa.Table | None:
+        """Curated rows with ``open_time`` in ``[start_ms, end_ms)`` (one symbol or all); ``None`` if no file."""
+        parts = []
+        for day in range(day_start_ms(start_ms), end_ms, DAY_MS):
+            table = self.io.read(self.path(interval, day))
+            if table is not None:
+                parts.append(table.replace_schema_metadata(None))
+        if not parts:
+            return None
+        table = pa.concat_tables(parts, promote_options="permissive")
+        times = pc.cast(table.column("open_time"), pa.int64())
+        mask = pc.and_(pc.greater_equal(times, start_ms), pc.less(times, end_ms))
+        if symbol is not None:
+            mask = pc.and_(mask, pc.equal(table.column("symbol"), symbol))
+        return table.filter(mask)
+
+    def write_day(self, interval: str, symbol: str, day_ms: int, rows: pa.Table,
+                  metadata: dict[str, str], validate: Callable[[pa.Table], None]) -> MergeResult:
+        """Replace ``symbol``'s rows of one day, keeping the other symbols' rows."""
+        return self.io.merge(
+            self.path(interval, day_ms),
+            day_ms,
+            rows,
+            {**metadata, "interval": interval, "schema_version": SCHEMA_VERSION},
+            replaces=lambda existing: pc.equal(existing.column("symbol"), symbol).to_numpy(zero_copy_only=False),
+            sort_keys=[("symbol", "ascending"), ("open_time", "ascending")],
+            validate=validate,
+        )
+
+
+def describe_day(day_ms: int) -> str:
+    return ms_to_utc(day_ms).date().isoformat()

@@ -1,0 +1,143 @@
+"""Candle grid arithmetic: interval lengths, alignment, UTC parsing.
+
+Every time in this project is an ``int`` of epoch milliseconds (UTC) or a timezone-aware
+``datetime`` in UTC. Windows are half-open ``[start, end)`` on ``open_time``.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+
+MINUTE_MS = 60_000
+HOUR_MS = 60 * MINUTE_MS
+DAY_MS = 24 * HOUR_MS
+WEEK_MS = 7 * DAY_MS
+# 1970-01-01 was a Thursday; Binance weeks open on Monday 00:00 UTC (1970-01-05).
+WEEK_ORIGIN_MS = 4 * DAY_MS
+
+# Every fixed-length interval Binance serves; 1M (calendar month) is handled apart.
+BINANCE_INTERVALS_MS: dict[str, int] = {
+    "1s": 1_000,
+    "1m": MINUTE_MS,
+    "3m": 3 * MINUTE_MS,
+    "5m": 5 * MINUTE_MS,
+    "15m": 15 * MINUTE_MS,
+    "30m": 30 * MINUTE_MS,
+    "1h": HOUR_MS,
+    "2h": 2 * HOUR_MS,
+    "4h": 4 * HOUR_MS,
+    "6h": 6 * HOUR_MS,
+    "8h": 8 * HOUR_MS,
+    "12h": 12 * HOUR_MS,
+    "1d": DAY_MS,
+    "3d": 3 * DAY_MS,
+    "1w": WEEK_MS,
+}
+BINANCE_INTERVALS: tuple[str, ...] = (*BINANCE_INTERVALS_MS, "1M")
+
+# The six timeframes this pipeline ingests and curates.
+PIPELINE_INTERVALS: tuple[str, ...] = ("15m", "30m", "1h", "4h", "1d", "1w")
+
+
+def interval_ms(interval: str) -> int:
+    """Length of one candle in ms; ``ValueError`` naming the interval when unknown."""
+    try:
+        return BINANCE_INTERVALS_MS[interval]
+    except KeyError:
+        raise ValueError(
+            f"interval {interval!r} is not a fixed-length Binance interval; "
+            f"expected one of {', '.join(BINANCE_INTERVALS_MS)}"
+        ) from None
+
+
+def _origin(interval: str) -> int:
+    return WEEK_ORIGIN_MS if interval == "1w" else 0
+
+
+def floor_to_grid(ts_ms: int, interval: str) -> int:
+    """Open time of the candle containing ``ts_ms``."""
+    step = interval_ms(interval)
+    origin = _origin(interval)
+    return (ts_ms - origin) // step * step + origin
+
+
+def ceil_to_grid(ts_ms: int, interval: str) -> int:
+    """First grid open time ``>= ts_ms``."""
+    floor = floor_to_grid(ts_ms, interval)
+    return floor if floor == ts_ms else floor + interval_ms(interval)
+
+
+def grid(start_ms: int, end_ms: int, interval: str) -> range:
+    """Every grid open time in ``[start_ms, end_ms)``."""
+    return range(ceil_to_grid(start_ms, interval), end_ms, interval_ms(interval))
+
+
+def last_closed_open_time(now_ms: int, interval: str) -> int:
+    """Open time of the newest candle whose ``close_time`` has passed at ``now_ms``."""
+    return floor_to_grid(now_ms, interval) - interval_ms(interval)
+
+
+def closed_end(now_ms: int, interval: str) -> int:
+    """Exclusive window end covering every candle closed at ``now_ms``."""
+    return floor_to_grid(now_ms, interval)
+
+
+def to_utc(value: datetime | date | str | int | float) -> datetime:
+    """Read a user-given time as UTC: a date alone is 00:00 UTC; a naive datetime is UTC.
+
+    Strings are ISO-8601 (``2024-01-31``, ``2024-01-31T10:00``, ``...Z``, ``...+02:00``);
+    numbers are epoch milliseconds.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"not a time: {value!r}")
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value / 1000, tz=timezone.utc)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        try:
+            value = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not an ISO-8601 date or date-time (e.g. 2024-01-31 or 2024-01-31T10:00Z)"
+            ) from None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=timezone.utc)
+    raise ValueError(f"not a time: {value!r}")
+
+
+def to_ms(value: datetime | date | str | int | float) -> int:
+    """Epoch milliseconds of a user-given time (see :func:`to_utc`)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    moment = to_utc(value)
+    return (moment - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(milliseconds=1)
+
+
+def ms_to_utc(ts_ms: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(milliseconds=int(ts_ms))
+
+
+def day_start_ms(ts_ms: int) -> int:
+    return ts_ms // DAY_MS * DAY_MS
+
+
+def days_in_window(start_ms: int, end_ms: int) -> list[int]:
+    """Start (ms) of each UTC day that holds an open time in ``[start_ms, end_ms)``."""
+    if end_ms <= start_ms:
+        return []
+    return list(range(day_start_ms(start_ms), end_ms, DAY_MS))
+
+
+def day_key(day_ms: int) -> str:
+    """``YYYYMMDD`` of the UTC day containing ``day_ms``."""
+    return ms_to_utc(day_ms).strftime("%Y%m%d")
+
+
+def now_ms() -> int:
+    return int(datetime.now(timezone.utc).timestamp() * 1000)
