@@ -8,57 +8,20 @@ from __future__ import annotations
 
 from datetime import date, datetime, timedelta, timezone
 
-MINUTE_MS = 60_000
-HOUR_MS = 60 * MINUTE_MS
-DAY_MS = 24 * HOUR_MS
-WEEK_MS = 7 * DAY_MS
-# 1970-01-01 was a Thursday; Binance weeks open on Monday 00:00 UTC (1970-01-05).
-WEEK_ORIGIN_MS = 4 * DAY_MS
-
-# Every fixed-length interval Binance serves; 1M (calendar month) is handled apart.
-BINANCE_INTERVALS_MS: dict[str, int] = {
-    "1s": 1_000,
-    "1m": MINUTE_MS,
-    "3m": 3 * MINUTE_MS,
-    "5m": 5 * MINUTE_MS,
-    "15m": 15 * MINUTE_MS,
-    "30m": 30 * MINUTE_MS,
-    "1h": HOUR_MS,
-    "2h": 2 * HOUR_MS,
-    "4h": 4 * HOUR_MS,
-    "6h": 6 * HOUR_MS,
-    "8h": 8 * HOUR_MS,
-    "12h": 12 * HOUR_MS,
-    "1d": DAY_MS,
-    "3d": 3 * DAY_MS,
-    "1w": WEEK_MS,
-}
-BINANCE_INTERVALS: tuple[str, ...] = (*BINANCE_INTERVALS_MS, "1M")
+from binance_provider.hooks.intervals import (  # noqa: F401 - re-exported: Binance's grid facts
+    BINANCE_INTERVALS,
+    BINANCE_INTERVALS_MS,
+    DAY_MS,
+    HOUR_MS,
+    MINUTE_MS,
+    WEEK_MS,
+    WEEK_ORIGIN_MS,
+    floor_to_grid,
+    interval_ms,
+)
 
 # The six timeframes this pipeline ingests and curates.
 PIPELINE_INTERVALS: tuple[str, ...] = ("15m", "30m", "1h", "4h", "1d", "1w")
-
-
-def interval_ms(interval: str) -> int:
-    """Length of one candle in ms; ``ValueError`` naming the interval when unknown."""
-    try:
-        return BINANCE_INTERVALS_MS[interval]
-    except KeyError:
-        raise ValueError(
-            f"interval {interval!r} is not a fixed-length Binance interval; "
-            f"expected one of {', '.join(BINANCE_INTERVALS_MS)}"
-        ) from None
-
-
-def _origin(interval: str) -> int:
-    return WEEK_ORIGIN_MS if interval == "1w" else 0
-
-
-def floor_to_grid(ts_ms: int, interval: str) -> int:
-    """Open time of the candle containing ``ts_ms``."""
-    step = interval_ms(interval)
-    origin = _origin(interval)
-    return (ts_ms - origin) // step * step + origin
 
 
 def ceil_to_grid(ts_ms: int, interval: str) -> int:

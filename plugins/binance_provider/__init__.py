@@ -1,0 +1,21 @@
+"""Binance provider: ``BinanceHook`` for Binance's spot REST API (``binance_provider.hooks.binance``).
+
+Kept import-light: Airflow's plugin manager and DAG parsing import this package.
+"""
+
+from __future__ import annotations
+
+
+def get_provider_info() -> dict:
+    """Provider metadata in the shape Airflow providers declare (hooks and connection type)."""
+    return {
+        "package-name": "binance-provider",
+        "name": "Binance",
+        "description": "Binance spot REST API: klines, tickers and exchange info with weight-aware rate limiting.",
+        "integrations": [
+            {"integration-name": "Binance", "external-doc-url": "https://developers.binance.com/docs/binance-spot-api-docs"}
+        ],
+        "hooks": [{"integration-name": "Binance", "python-modules": ["binance_provider.hooks.binance"]}],
+        # Binance uses a plain HTTP connection (conn_type "http", host = API base URL).
+        "connection-types": [],
+    }

@@ -1,0 +1,774 @@
+"""Binance spot REST hook: weight-aware rate limiting, retries with backoff, validated klines.
+
+The hook speaks HTTP only: it pages through ``/api/v3/klines`` and hands back Binance's rows
+(validated, open candles dropped) with provenance in :class:`ResponseMeta`. What happens to
+the rows is the caller's business.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import backoff
+import requests
+from requests import Response, Session
+
+from airflow.providers.http.hooks.http import HttpHook
+from airflow.sdk.exceptions import AirflowNotFoundException
+from binance_provider.hooks.errors import (
+    BinanceAPIError,
+    BinanceBanned,
+    BinanceRateLimited,
+    BinanceUnavailable,
+)
+from binance_provider.hooks.intervals import BINANCE_INTERVALS, grid_open, next_open
+from binance_provider.hooks.rate_limiter import (
+    BanActive,
+    WeightLimiter,
+    normalize_endpoint,
+    request_weight,
+)
+from include.market_data.config import (
+    BINANCE_CONN_ID,
+    DEFAULT_BINANCE_HOST,
+    Settings,
+    load_settings,
+    validate_symbol,
+)
+
+__all__ = [
+    "BinanceAPIError",
+    "BinanceBanned",
+    "BinanceHook",
+    "BinanceRateLimited",
+    "BinanceUnavailable",
+    "KlinePage",
+    "KlineValidationError",
+    "ResponseMeta",
+    "page_windows",
+    "validate_klines",
+]
+
+KLINES_ENDPOINT = "/api/v3/klines"
+MAX_KLINES_LIMIT = 1000
+KLINE_FIELDS = 12
+# Binance bans start at two minutes; used only if a 418 comes without Retry-After.
+DEFAULT_BAN_S = 120.0
+_TRANSPORT_ERRORS = (
+    requests.Timeout,
+    requests.ConnectionError,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+)
+
+
+@dataclass(frozen=True)
+class ResponseMeta:
+    """Provenance of one successful response."""
+
+    source: str  # base URL
+    endpoint: str  # e.g. /api/v3/klines
+    latency_ms: float
+    fetched_at: str  # ISO-8601 UTC
+    used_weight: int | None  # X-MBX-USED-WEIGHT-1M
+    status: int
+    retries: int
+
+
+@dataclass(frozen=True)
+class KlinePage:
+    """Closed candles of one request for the half-open window ``[start_ms, end_ms)`` on open_time."""
+
+    symbol: str
+    interval: str
+    start_ms: int
+    end_ms: int
+    rows: list[list]  # 12-field rows as Binance sent them
+    meta: ResponseMeta
+    dropped_open: int  # candles still open at fetch time, left out of ``rows``
+
+
+class KlineValidationError(ValueError):
+    """A kline response breaks Binance's contract (the hook treats it as a malformed body)."""
+
+
+# -- statsd through Airflow's stats backend; metrics must never break a request -------------------
+
+
+def _emit(kind: str, name: str, *args: Any) -> None:
+    try:
+        from airflow.sdk.observability import stats
+
+        getattr(stats, kind)(name, *args)
+    except Exception:  # noqa: BLE001 - a metrics outage is not the caller's problem
+        return
+
+
+# -- kline validation --------------------------------------------------------------------------
+
+# Positions of the decimal-string fields in a kline row, and their names for error messages.
+_DECIMAL_FIELDS = ((1, "open"), (2, "high"), (3, "low"), (4, "close"), (5, "volume"), (7, "quote_asset_volume"),
+                   (9, "taker_buy_base_asset_volume"), (10, "taker_buy_quote_asset_volume"))
+
+
+def _decimal(value: Any, field: str, index: int) -> Decimal:
+    if type(value) is not str:
+        raise KlineValidationError(f"row {index}: {field}={value!r} is not a decimal string")
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        raise KlineValidationError(f"row {index}: {field}={value!r} is not a decimal") from None
+    if not number.is_finite():
+        raise KlineValidationError(f"row {index}: {field}={value!r} is not finite")
+    return number
+
+
+def _int(value: Any, field: str, index: int) -> int:
+    if type(value) is not int:  # bool and float are not accepted
+        raise KlineValidationError(f"row {index}: {field}={value!r} is not an integer")
+    return value
+
+
+def validate_klines(rows: Any, interval: str, start_ms: int, end_ms: int, limit: int = MAX_KLINES_LIMIT) -> list[list]:
+    """Check a ``/api/v3/klines`` body against Binance's contract and return it.
+
+    Each row has 12 fields; times and trade counts are ints; prices and volumes are decimal
+    strings (read as ``Decimal``, never float) with ``low <= min(open, close)``,
+    ``high >= max(open, close)``, ``low >= 0`` and volumes ``>= 0``; ``open_time`` is on the
+    interval's grid inside ``[start_ms, end_ms)``, ``close_time`` is one millisecond before the
+    next open, and open times strictly ascend. Raises :class:`KlineValidationError` naming the
+    first offending row.
+    """
+    if type(rows) is not list:
+        raise KlineValidationError(f"klines body is {type(rows).__name__}, expected a list of rows")
+    if len(rows) > limit:
+        raise KlineValidationError(f"klines body has {len(rows)} rows, more than limit={limit}")
+    previous_open = start_ms - 1
+    for index, row in enumerate(rows):
+        if type(row) is not list or len(row) != KLINE_FIELDS:
+            raise KlineValidationError(f"row {index}: expected a list of {KLINE_FIELDS} fields, got {row!r:.200}")
+        open_time = _int(row[0], "open_time", index)
+        close_time = _int(row[6], "close_time", index)
+        trades = _int(row[8], "number_of_trades", index)
+        o, h, l, c, v, q, tb, tq = (_decimal(row[pos], name, index) for pos, name in _DECIMAL_FIELDS)
+        if open_time <= previous_open:
+            if open_time < start_ms:
+                raise KlineValidationError(f"row {index}: open_time {open_time} before the window start {start_ms}")
+            raise KlineValidationError(f"row {index}: open_time {open_time} does not ascend (after {previous_open})")
+        if open_time >= end_ms:
+            raise KlineValidationError(f"row {index}: open_time {open_time} at or after the window end {end_ms}")
+        previous_open = open_time
+        if grid_open(open_time, interval) != open_time:
+            raise KlineValidationError(f"row {index}: open_time {open_time} is not on the {interval} grid")
+        expected_close = next_open(open_time, interval) - 1
+        if close_time != expected_close:
+            raise KlineValidationError(
+                f"row {index}: close_time {close_time} != open_time + {interval} - 1 ms ({expected_close})"
+            )
+        if not (0 <= l <= min(o, c) and h >= max(o, c)):
+            raise KlineValidationError(
+                f"row {index}: prices inconsistent (open {row[1]}, high {row[2]}, low {row[3]}, close {row[4]})"
+            )
+        if v < 0 or q < 0 or tb < 0 or tq < 0 or trades < 0:
+            raise KlineValidationError(f"row {index}: negative volume or trade count in {row!r:.200}")
+    return rows
+
+
+def page_windows(start_ms: int, end_ms: int, interval: str, page_size: int = MAX_KLINES_LIMIT) -> Iterator[tuple[int, int]]:
+    """Split ``[start_ms, end_ms)`` into consecutive windows of at most ``page_size`` grid slots.
+
+    Boundaries after the first fall on the interval's grid; windows holding no grid slot are
+    skipped, so every window yields one request that can be answered in full.
+    """
+    first_open = grid_open(start_ms, interval)
+    if first_open < start_ms:
+        first_open = next_open(first_open, interval)
+    window_start = start_ms
+    boundary = first_open
+    while boundary < end_ms:
+        boundary = next_open(boundary, interval, page_size)
+        window_end = min(boundary, end_ms)
+        yield window_start, window_end
+        window_start = window_end
+
+
+def _check_interval(interval: Any) -> str:
+    if interval not in BINANCE_INTERVALS:
+        raise ValueError(
+            f"interval={interval!r} is not a Binance interval; expected one of {', '.join(BINANCE_INTERVALS)}"
+        )
+    return interval
+
+
+def _check_window(start_ms: Any, end_ms: Any) -> None:
+    for name, value in (("start_ms", start_ms), ("end_ms", end_ms)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name}={value!r} must be an int of epoch milliseconds")
+    if start_ms < 0:
+        raise ValueError(f"start_ms={start_ms} must be >= 0")
+    if start_ms >= end_ms:
+        raise ValueError(f"start_ms={start_ms} must be < end_ms={end_ms} (half-open window [start, end))")
+
+
+# -- retry plumbing ----------------------------------------------------------------------------
+
+
+class _Transient(Exception):
+    """A failure worth retrying with backoff: 5xx, timeout, connection error, malformed body."""
+
+    def __init__(self, status: int | None, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.kind = kind
+        self.detail = detail
+
+
+class _RetryAfter(Exception):
+    """A 429: the shared limiter now holds every thread until ``Retry-After`` has passed."""
+
+    def __init__(self, code: int | None, msg: str) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+
+
+@dataclass
+class _Call:
+    endpoint: str
+    params: dict[str, Any]
+    weight: int
+    parse: Callable[[Response], Any]
+    log_fields: dict[str, Any]
+    headers: dict[str, Any] | None = None
+    timeout_s: float | None = None
+    retries: int = 0
+
+
+def _json_body(response: Response) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise KlineValidationError(f"body is not JSON ({exc}): {response.text[:120]!r}") from None
+
+
+def _used_weight(response: Response) -> int | None:
+    raw = response.headers.get("X-MBX-USED-WEIGHT-1M")
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def _retry_after_s(response: Response) -> float | None:
+    raw = response.headers.get("Retry-After")
+    try:
+        return max(0.0, float(raw)) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def _error_body(response: Response) -> tuple[int | None, str]:
+    """Binance's ``{"code": -1121, "msg": "Invalid symbol."}``, or the raw text when it is not that."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "msg" in body:
+        code = body.get("code")
+        return (code if isinstance(code, int) else None), str(body["msg"])
+    return None, (response.text[:200] or response.reason or "no body")
+
+
+def _require(condition: bool, what: str) -> None:
+    if not condition:
+        raise KlineValidationError(what)
+
+
+class BinanceHook(HttpHook):
+    """
+    Talk to Binance's spot REST API (or a compatible server such as the local sandbox).
+
+    Every request goes through a weight-aware limiter shared by all hooks of the process that
+    talk to the same host, retries transient failures with exponential backoff and full
+    jitter, honours ``Retry-After`` on 429 for every thread, and stops calling a host that
+    answered 418 until the ban ends.
+
+    :param binance_conn_id: Airflow HTTP connection whose host is the API base URL; when it does
+        not exist, ``https://data-api.binance.vision`` is used.
+    :param settings: pipeline settings (rate-limit budget, window, concurrency); default
+        :func:`include.market_data.config.load_settings`.
+    :param timeout_s: connect and read timeout of each request.
+    :param max_tries: attempts per call for transient failures (and, separately, for 429s).
+    :param max_time_s: give up retrying a call after this many seconds.
+    :param backoff_factor_s: first backoff step; steps double up to ``backoff_cap_s``, each
+        drawn uniformly from ``[0, step]`` (full jitter).
+    """
+
+    conn_name_attr = "binance_conn_id"
+    default_conn_name = BINANCE_CONN_ID
+    conn_type = "http"
+    hook_name = "Binance"
+    default_host = DEFAULT_BINANCE_HOST
+    default_headers = {"Accept": "application/json"}
+
+    def __init__(
+        self,
+        binance_conn_id: str = default_conn_name,
+        *,
+        settings: Settings | None = None,
+        timeout_s: float = 10.0,
+        max_tries: int = 8,
+        max_time_s: float = 300.0,
+        backoff_factor_s: float = 0.5,
+        backoff_cap_s: float = 30.0,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.pop("method", None)
+        super().__init__(method="GET", http_conn_id=binance_conn_id, **kwargs)
+        if max_tries < 1:
+            raise ValueError(f"max_tries={max_tries} must be >= 1")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s={timeout_s} must be > 0")
+        self.binance_conn_id = binance_conn_id
+        self.settings = settings if settings is not None else load_settings()
+        self.timeout_s = timeout_s
+        self.max_tries = max_tries
+        self.max_time_s = max_time_s
+        self.backoff_factor_s = backoff_factor_s
+        self.backoff_cap_s = backoff_cap_s
+        self._setup_lock = threading.Lock()
+        self._connection_resolved = False
+        self._connection: Any = None
+        self._sessions = threading.local()
+
+    # -- connection and session --------------------------------------------------------------
+
+    def _resolve_connection(self) -> Any:
+        """The Airflow connection, looked up once; ``None`` (default host) when it does not exist."""
+        with self._setup_lock:
+            if not self._connection_resolved:
+                try:
+                    self._connection = self.get_connection(self.binance_conn_id)
+                except AirflowNotFoundException:
+                    self._connection = None
+                    self.log.info(
+                        "Connection not found; using the default Binance host",
+                        conn_id=self.binance_conn_id,
+                        host=self.default_host,
+                    )
+                if self._connection is None:
+                    self.base_url = self.default_host.rstrip("/")
+                    self._base_url_initialized = True
+                else:
+                    self._set_base_url(self._connection)
+                    self.base_url = self.base_url.rstrip("/")
+                self._connection_resolved = True
+            return self._connection
+
+    def get_conn(
+        self, headers: dict[Any, Any] | None = None, extra_options: dict[str, Any] | None = None
+    ) -> Session:
+        """
+        Create a Requests session for the Binance host.
+
+        :param headers: additional headers for every request of the session.
+        :param extra_options: options as in :class:`HttpHook` (proxies, verify, ...).
+        :return: a configured ``requests.Session``; ``self.base_url`` is set.
+        """
+        session = Session()
+        connection = self._resolve_connection()
+        extra_options = extra_options or {}
+        if connection is not None:
+            session = self._configure_session_from_auth(session, connection)
+            if connection.extra or extra_options:
+                session = self._configure_session_from_extra(session, connection, extra_options)
+        session = self._configure_session_from_mount_adapters(session)
+        session.headers.update(self.default_headers)
+        if headers:
+            session.headers.update(headers)
+        return session
+
+    def _session(self) -> Session:
+        # requests.Session is not thread-safe: one per thread, reused for keep-alive.
+        session = getattr(self._sessions, "session", None)
+        if session is None:
+            session = self._sessions.session = self.get_conn()
+        return session
+
+    @property
+    def source(self) -> str:
+        """Base URL requests go to."""
+        self._resolve_connection()
+        return self.base_url
+
+    @property
+    def limiter(self) -> WeightLimiter:
+        """The process-wide limiter for this hook's host."""
+        return WeightLimiter.shared(
+            self.source, self.settings.rate_limit_budget, self.settings.rate_limit_window_s
+        )
+
+    # -- one request with limiter, retries and status handling -------------------------------
+
+    def run(
+        self,
+        endpoint: str | None = None,
+        data: dict[str, Any] | None = None,
+        headers: dict[str, Any] | None = None,
+        extra_options: dict[str, Any] | None = None,
+        **request_kwargs: Any,
+    ) -> Response:
+        """
+        GET ``endpoint`` through the limiter with retries; return the successful response.
+
+        :param endpoint: API path, e.g. ``/api/v3/ticker/price``.
+        :param data: query parameters.
+        :param headers: additional headers for this request.
+        :param extra_options: ``{"timeout": seconds}`` overrides ``timeout_s``; ``check_response``
+            is ignored (statuses are always handled here).
+        :param request_kwargs: ``weight=N`` for an endpoint missing from the weight table.
+        :raises BinanceAPIError: a 4xx other than 429/418 (never retried).
+        :raises BinanceRateLimited: still 429 after ``max_tries``.
+        :raises BinanceBanned: a 418, or a ban still in force (then nothing is sent).
+        :raises BinanceUnavailable: transient failures outlasted the retries.
+        """
+        _, response, _ = self._call(
+            endpoint,
+            dict(data or {}),
+            parse=_json_body,
+            headers=headers,
+            timeout_s=(extra_options or {}).get("timeout"),
+            weight=request_kwargs.pop("weight", None),
+        )
+        return response
+
+    def _call(
+        self,
+        endpoint: str | None,
+        params: dict[str, Any],
+        *,
+        parse: Callable[[Response], Any],
+        log_fields: Mapping[str, Any] | None = None,
+        headers: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        weight: int | None = None,
+    ) -> tuple[Any, Response, ResponseMeta]:
+        path = normalize_endpoint(endpoint)
+        call = _Call(
+            endpoint=path,
+            params=params,
+            weight=request_weight(path, params) if weight is None else int(weight),
+            parse=parse,
+            log_fields=dict(log_fields or {}),
+            headers=headers,
+            timeout_s=timeout_s,
+        )
+
+        def count_retry(_details: Any) -> None:
+            call.retries += 1
+            _emit("incr", "binance.request.retry")
+
+        # Transient failures back off exponentially; a 429 waits in the shared limiter instead
+        # (until Retry-After), so its own backoff step is zero.
+        @backoff.on_exception(
+            backoff.expo,
+            _Transient,
+            max_tries=self.max_tries,
+            max_time=self.max_time_s,
+            jitter=backoff.full_jitter,
+            factor=self.backoff_factor_s,
+            max_value=self.backoff_cap_s,
+            on_backoff=count_retry,
+            logger=None,
+        )
+        @backoff.on_exception(
+            backoff.constant,
+            _RetryAfter,
+            interval=0,
+            jitter=None,
+            max_tries=self.max_tries,
+            max_time=self.max_time_s,
+            on_backoff=count_retry,
+            logger=None,
+        )
+        def attempt() -> tuple[Any, Response, ResponseMeta]:
+            return self._attempt(call)
+
+        try:
+            return attempt()
+        except _RetryAfter as exc:
+            raise BinanceRateLimited(429, exc.code, f"{exc.msg} (gave up after {call.retries + 1} attempts)", path) from exc
+        except _Transient as exc:
+            raise BinanceUnavailable(
+                exc.status, None, f"{exc.kind}: {exc.detail} (gave up after {call.retries + 1} attempts)", path
+            ) from exc
+
+    def _attempt(self, call: _Call) -> tuple[Any, Response, ResponseMeta]:
+        session = self._session()
+        url = self.url_from_endpoint(call.endpoint)
+        timeout = call.timeout_s if call.timeout_s is not None else self.timeout_s
+        limiter = self.limiter
+        try:
+            reservation = limiter.acquire(call.weight)
+        except BanActive as exc:
+            raise BinanceBanned(
+                int(exc.until_s * 1000), call.endpoint, "not calling a host that banned this IP"
+            ) from None
+        used_weight: int | None = None
+        started = time.perf_counter()
+        try:
+            response = session.get(url, params=call.params, headers=call.headers, timeout=timeout)
+            used_weight = _used_weight(response)
+        except _TRANSPORT_ERRORS as exc:
+            kind = "timeout" if isinstance(exc, requests.Timeout) else "connection"
+            self._record(call, kind, started, None, error=str(exc))
+            raise _Transient(None, kind, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            limiter.release(reservation, used_weight)
+
+        status = response.status_code
+        if 200 <= status < 300:
+            try:
+                payload = call.parse(response)
+            except KlineValidationError as exc:
+                self._record(call, status, started, used_weight, error=f"malformed: {exc}", metric_status="malformed")
+                raise _Transient(status, "malformed body", str(exc)) from None
+            latency_ms = self._record(call, status, started, used_weight)
+            meta = ResponseMeta(
+                source=self.base_url,
+                endpoint=call.endpoint,
+                latency_ms=latency_ms,
+                fetched_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                used_weight=used_weight,
+                status=status,
+                retries=call.retries,
+            )
+            return payload, response, meta
+
+        code, msg = _error_body(response)
+        if status == 429:
+            retry_after = _retry_after_s(response)
+            resume = limiter.pause_until(time.time() + retry_after if retry_after is not None else None)
+            _emit("incr", "binance.rate_limited")
+            self._record(call, status, started, used_weight, error=msg, retry_after_s=retry_after,
+                         paused_until=datetime.fromtimestamp(resume, tz=timezone.utc).isoformat())
+            raise _RetryAfter(code, msg)
+        if status == 418:
+            retry_after = _retry_after_s(response)
+            until_s = time.time() + (retry_after if retry_after is not None else DEFAULT_BAN_S)
+            limiter.ban_until(until_s)
+            _emit("incr", "binance.banned")
+            self._record(call, status, started, used_weight, error=msg, retry_after_s=retry_after)
+            raise BinanceBanned(int(until_s * 1000), call.endpoint, msg, code=code)
+        self._record(call, status, started, used_weight, error=msg)
+        if status >= 500:
+            raise _Transient(status, f"HTTP {status}", msg)
+        raise BinanceAPIError(status, code, msg, call.endpoint)
+
+    def _record(
+        self,
+        call: _Call,
+        status: int | str,
+        started: float,
+        used_weight: int | None,
+        *,
+        error: str | None = None,
+        metric_status: str | None = None,
+        **fields: Any,
+    ) -> float:
+        """Metrics and the one log line of a request; returns its latency in ms."""
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        _emit("timing", "binance.request.duration", latency_ms)
+        _emit("incr", "binance.request.count")
+        if error is not None:
+            _emit("incr", f"binance.request.error.{metric_status or status}")
+        if used_weight is not None:
+            _emit("gauge", "binance.weight_used", used_weight)
+        line = dict(
+            endpoint=call.endpoint,
+            **call.log_fields,
+            status=status,
+            latency_ms=latency_ms,
+            used_weight=used_weight,
+            retries=call.retries,
+            **fields,
+        )
+        if error is None:
+            self.log.info("binance request", **line)
+        else:
+            self.log.warning("binance request failed", error=error[:300], **line)
+        return latency_ms
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Ping the host (used by the Airflow UI's connection test)."""
+        try:
+            meta = self.ping()
+        except Exception as exc:  # noqa: BLE001 - the UI shows the message
+            return False, str(exc)
+        return True, f"Binance answered ping in {meta.latency_ms:.0f} ms"
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    def ping(self) -> ResponseMeta:
+        """``GET /api/v3/ping`` (weight 1)."""
+
+        def parse(response: Response) -> Any:
+            body = _json_body(response)
+            _require(isinstance(body, dict), f"ping body is {body!r:.100}, expected {{}}")
+            return body
+
+        return self._call("/api/v3/ping", {}, parse=parse)[2]
+
+    def server_time(self) -> tuple[int, ResponseMeta]:
+        """``GET /api/v3/time`` (weight 1): the server's clock in epoch ms."""
+
+        def parse(response: Response) -> int:
+            body = _json_body(response)
+            value = body.get("serverTime") if isinstance(body, dict) else None
+            _require(isinstance(value, int) and not isinstance(value, bool), f"time body {body!r:.100} lacks serverTime")
+            return value
+
+        server_ms, _, meta = self._call("/api/v3/time", {}, parse=parse)
+        return server_ms, meta
+
+    def exchange_info(self, symbol: str | None = None) -> tuple[dict, ResponseMeta]:
+        """``GET /api/v3/exchangeInfo`` (weight 20), optionally for one symbol."""
+        params = {} if symbol is None else {"symbol": validate_symbol(symbol, "symbol")}
+
+        def parse(response: Response) -> dict:
+            body = _json_body(response)
+            _require(isinstance(body, dict) and isinstance(body.get("symbols"), list),
+                     f"exchangeInfo body lacks a symbols list: {body!r:.100}")
+            return body
+
+        body, _, meta = self._call("/api/v3/exchangeInfo", params, parse=parse, log_fields=params)
+        return body, meta
+
+    def _ticker(self, endpoint: str, symbol: str, required: tuple[str, ...]) -> tuple[dict, ResponseMeta]:
+        validate_symbol(symbol, "symbol")
+
+        def parse(response: Response) -> dict:
+            body = _json_body(response)
+            _require(isinstance(body, dict) and body.get("symbol") == symbol,
+                     f"{endpoint} body is not the ticker of {symbol}: {body!r:.100}")
+            for field in required:
+                _decimal(body.get(field), field, 0)
+            return body
+
+        body, _, meta = self._call(endpoint, {"symbol": symbol}, parse=parse, log_fields={"symbol": symbol})
+        return body, meta
+
+    def ticker_price(self, symbol: str) -> tuple[dict, ResponseMeta]:
+        """``GET /api/v3/ticker/price`` for one symbol (weight 2): ``{"symbol", "price"}``."""
+        return self._ticker("/api/v3/ticker/price", symbol, ("price",))
+
+    def ticker_24hr(self, symbol: str) -> tuple[dict, ResponseMeta]:
+        """``GET /api/v3/ticker/24hr`` for one symbol (weight 2)."""
+        return self._ticker("/api/v3/ticker/24hr", symbol, ("lastPrice", "volume"))
+
+    def klines(
+        self,
+        symbol: str,
+        interval: str,
+        start_ms: int,
+        end_ms: int,
+        limit: int = MAX_KLINES_LIMIT,
+        *,
+        now_ms: int | None = None,
+    ) -> KlinePage:
+        """
+        One ``/api/v3/klines`` request for open times in ``[start_ms, end_ms)``.
+
+        Rows are validated (a bad row counts as a malformed body and is retried); candles still
+        open at ``now_ms`` (default: when the response arrives) are dropped and counted.
+        """
+        validate_symbol(symbol, "symbol")
+        _check_interval(interval)
+        _check_window(start_ms, end_ms)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_KLINES_LIMIT:
+            raise ValueError(f"limit={limit!r} must be an int in 1..{MAX_KLINES_LIMIT}")
+        params = {
+            "symbol": symbol,
+            "interval": interval,
+            "startTime": start_ms,
+            "endTime": end_ms - 1,  # Binance's endTime is inclusive
+            "limit": limit,
+        }
+        rows, _, meta = self._call(
+            KLINES_ENDPOINT,
+            params,
+            parse=lambda response: validate_klines(_json_body(response), interval, start_ms, end_ms, limit),
+            log_fields={"symbol": symbol, "interval": interval},
+        )
+        cutoff = int(time.time() * 1000) if now_ms is None else now_ms
+        closed = [row for row in rows if row[6] < cutoff]
+        return KlinePage(
+            symbol=symbol,
+            interval=interval,
+            start_ms=start_ms,
+            end_ms=end_ms,
+            rows=closed,
+            meta=meta,
+            dropped_open=len(rows) - len(closed),
+        )
+
+    def iter_klines(
+        self,
+        symbol: str,
+        interval: str,
+        start_ms: int,
+        end_ms: int,
+        *,
+        concurrency: int | None = None,
+        now_ms: int | None = None,
+    ) -> Iterator[KlinePage]:
+        """
+        Page through ``[start_ms, end_ms)`` with ``limit=1000``, yielding pages in time order.
+
+        Page windows hold at most 1000 grid slots, so each is one request; up to ``concurrency``
+        (default ``settings.max_concurrency``; 1 is sequential) run at once and at most twice
+        that many pages are held before the caller takes them. Windows with holes simply
+        return fewer rows.
+        """
+        validate_symbol(symbol, "symbol")
+        _check_interval(interval)
+        _check_window(start_ms, end_ms)
+        workers = self.settings.max_concurrency if concurrency is None else concurrency
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"concurrency={concurrency!r} must be an int >= 1")
+        return self._iter_pages(symbol, interval, page_windows(start_ms, end_ms, interval), workers, now_ms)
+
+    def _iter_pages(
+        self,
+        symbol: str,
+        interval: str,
+        windows: Iterator[tuple[int, int]],
+        workers: int,
+        now_ms: int | None,
+    ) -> Iterator[KlinePage]:
+        if workers == 1:
+            for window_start, window_end in windows:
+                yield self.klines(symbol, interval, window_start, window_end, now_ms=now_ms)
+            return
+        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="binance-klines")
+        pending: deque[Future[KlinePage]] = deque()
+        try:
+            for window_start, window_end in windows:
+                pending.append(executor.submit(self.klines, symbol, interval, window_start, window_end, now_ms=now_ms))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            # Early exit or an error: drop queued pages, let in-flight requests finish.
+            for future in pending:
+                future.cancel()
+            executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,231 @@
+"""Weight-aware client-side rate limiting for Binance's REQUEST_WEIGHT quota.
+
+Binance counts request weight per IP in fixed windows aligned to the clock (one minute) and
+reports the running total in ``X-MBX-USED-WEIGHT-1M``. :class:`WeightLimiter` keeps every
+thread of a process under a budget (a safety fraction of the limit) by combining its own
+accounting with the server's count, which also includes other processes on the same IP.
+It also holds the two pieces of state every caller of a host must share: the pause after a
+429 (``Retry-After``) and the ban after a 418.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# Request weight of each endpoint the hook uses (Binance spot API docs, checked 2025).
+# Entries are (weight with ``symbol`` given, weight without it).
+ENDPOINT_WEIGHTS: dict[str, tuple[int, int]] = {
+    "/api/v3/ping": (1, 1),
+    "/api/v3/time": (1, 1),
+    "/api/v3/exchangeInfo": (20, 20),
+    "/api/v3/klines": (2, 2),
+    "/api/v3/ticker/price": (2, 4),
+    "/api/v3/ticker/24hr": (2, 80),
+}
+
+
+def normalize_endpoint(endpoint: str | None) -> str:
+    """``api/v3/klines`` and ``/api/v3/klines?x=1`` both become ``/api/v3/klines``."""
+    path = (endpoint or "").split("?", 1)[0]
+    return path if path.startswith("/") else f"/{path}"
+
+
+def request_weight(endpoint: str | None, params: Mapping[str, Any] | None = None) -> int:
+    """Weight Binance charges for one request; ``ValueError`` for an endpoint not in the table."""
+    path = normalize_endpoint(endpoint)
+    try:
+        with_symbol, without_symbol = ENDPOINT_WEIGHTS[path]
+    except KeyError:
+        raise ValueError(
+            f"endpoint {path!r} has no known request weight; known: {', '.join(ENDPOINT_WEIGHTS)} "
+            "(pass weight=N to run() for another endpoint)"
+        ) from None
+    has_symbol = bool(params) and params.get("symbol") not in (None, "")
+    return with_symbol if has_symbol else without_symbol
+
+
+class BanActive(Exception):
+    """The host banned this IP (418); no request may be sent before ``until_s`` (epoch seconds)."""
+
+    def __init__(self, until_s: float) -> None:
+        super().__init__(f"banned until epoch {until_s:.3f}")
+        self.until_s = until_s
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Weight taken by one request; hand it back to :meth:`WeightLimiter.release`."""
+
+    weight: int
+    window: int
+
+
+def _condition_wait(condition: threading.Condition, timeout_s: float) -> None:
+    condition.wait(timeout_s)
+
+
+class WeightLimiter:
+    """Thread-safe budget of request weight per fixed clock-aligned window.
+
+    :param budget: weight this process lets itself use per window (limit × safety).
+    :param window_s: window length in seconds; windows start at multiples of it since the epoch,
+        as Binance's minutes do.
+    :param clock: epoch seconds now (injectable for tests).
+    :param wait: blocks the calling thread for up to ``timeout_s`` while releasing ``condition``;
+        the default waits on the condition, so a ban or pause wakes sleepers at once.
+    """
+
+    def __init__(
+        self,
+        budget: int,
+        window_s: float,
+        *,
+        clock: Callable[[], float] = time.time,
+        wait: Callable[[threading.Condition, float], None] = _condition_wait,
+    ) -> None:
+        self._condition = threading.Condition()
+        self._clock = clock
+        self._wait = wait
+        self.configure(budget, window_s)
+        self._window = self._window_of(clock())
+        # Weight counted against the current window: the server's latest X-MBX-USED-WEIGHT-1M
+        # (which includes other processes on the IP) plus everything sent since, never less
+        # than what this process sent itself.
+        self._used = 0
+        self._in_flight = 0  # weight of requests sent but not yet answered
+        self._paused_until = 0.0
+        self._banned_until = 0.0
+
+    def configure(self, budget: int, window_s: float) -> None:
+        if budget < 1:
+            raise ValueError(f"rate-limit budget must be >= 1, got {budget}")
+        if not window_s > 0:
+            raise ValueError(f"rate-limit window must be > 0 s, got {window_s}")
+        with self._condition:
+            self.budget = int(budget)
+            self.window_s = float(window_s)
+            self._condition.notify_all()
+
+    # -- the process-wide registry: one limiter per base URL ------------------------------------
+
+    _shared: dict[str, WeightLimiter] = {}
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, base_url: str, budget: int, window_s: float) -> WeightLimiter:
+        """The limiter every hook of this process uses for ``base_url``.
+
+        Budget and window follow the latest caller's settings; pause and ban state are kept.
+        """
+        key = base_url.rstrip("/")
+        with cls._shared_lock:
+            limiter = cls._shared.get(key)
+            if limiter is None:
+                limiter = cls._shared[key] = cls(budget, window_s)
+            elif (limiter.budget, limiter.window_s) != (int(budget), float(window_s)):
+                limiter.configure(budget, window_s)
+            return limiter
+
+    @classmethod
+    def clear_shared(cls) -> None:
+        """Forget every shared limiter (tests start each server with a clean slate)."""
+        with cls._shared_lock:
+            cls._shared.clear()
+
+    # -- accounting -------------------------------------------------------------------------------
+
+    def _window_of(self, now_s: float) -> int:
+        return int(now_s // self.window_s)
+
+    def _roll(self, now_s: float) -> None:
+        window = self._window_of(now_s)
+        if window != self._window:
+            self._window = window
+            # Requests still in flight may reach the server after its window turned, so they
+            # count against the new window until they are answered.
+            self._used = self._in_flight
+
+    def _window_end(self) -> float:
+        return (self._window + 1) * self.window_s
+
+    def acquire(self, weight: int) -> Reservation:
+        """Block until ``weight`` fits in the current window, then take it.
+
+        Raises :class:`BanActive` (without waiting) while a ban is recorded, and ``ValueError``
+        if ``weight`` can never fit.
+        """
+        if weight > self.budget:
+            raise ValueError(
+                f"request weight {weight} exceeds the rate-limit budget {self.budget} per window "
+                "(BINANCE_RATE_LIMIT_WEIGHT x BINANCE_RATE_LIMIT_SAFETY)"
+            )
+        with self._condition:
+            while True:
+                now = self._clock()
+                self._roll(now)
+                if self._banned_until > now:
+                    raise BanActive(self._banned_until)
+                if self._paused_until > now:
+                    self._wait(self._condition, self._paused_until - now)
+                    continue
+                if self._used + weight <= self.budget:
+                    self._used += weight
+                    self._in_flight += weight
+                    return Reservation(weight=weight, window=self._window)
+                # Room only comes back when the window turns.
+                self._wait(self._condition, max(self._window_end() - now, 1e-3))
+
+    def release(self, reservation: Reservation, used_weight: int | None = None) -> None:
+        """The request of ``reservation`` was answered (``used_weight`` from its header) or failed."""
+        with self._condition:
+            self._roll(self._clock())  # before forgetting it: it may have landed in a new window
+            self._in_flight -= reservation.weight
+            if used_weight is not None and reservation.window == self._window:
+                self._used = max(self._used, used_weight)
+
+    def update(self, used_weight: int) -> None:
+        """Record the server's count for the current window (``X-MBX-USED-WEIGHT-1M``)."""
+        with self._condition:
+            self._roll(self._clock())
+            self._used = max(self._used, used_weight)
+
+    def used(self) -> int:
+        """Weight counted against the current window."""
+        with self._condition:
+            self._roll(self._clock())
+            return self._used
+
+    # -- 429 pause and 418 ban --------------------------------------------------------------------
+
+    def pause_until(self, until_s: float | None = None) -> float:
+        """Stop every thread from sending before ``until_s`` (default: the current window's end).
+
+        Returns the pause end actually in force (a longer pause already set is kept).
+        """
+        with self._condition:
+            self._roll(self._clock())
+            target = self._window_end() if until_s is None else until_s
+            self._paused_until = max(self._paused_until, target)
+            self._condition.notify_all()
+            return self._paused_until
+
+    def ban_until(self, until_s: float) -> None:
+        """Record a 418 ban: :meth:`acquire` raises :class:`BanActive` until ``until_s``."""
+        with self._condition:
+            self._banned_until = max(self._banned_until, until_s)
+            self._condition.notify_all()
+
+    @property
+    def paused_until(self) -> float | None:
+        with self._condition:
+            return self._paused_until if self._paused_until > self._clock() else None
+
+    @property
+    def banned_until(self) -> float | None:
+        """Epoch seconds the current ban ends, or ``None`` when not banned."""
+        with self._condition:
+            return self._banned_until if self._banned_until > self._clock() else None
