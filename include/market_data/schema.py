@@ -7,6 +7,8 @@ strings had — is kept in the Parquet metadata so the original strings can be r
 
 from __future__ import annotations
 
+import functools
+
 from decimal import Decimal
 
 import numpy as np
@@ -109,8 +111,9 @@ def _grid_frame(table: pa.Table) -> pd.DataFrame:
     return pd.DataFrame(frame)
 
 
+@functools.lru_cache(maxsize=None)
 def raw_frame_schema(interval: str) -> pa_schema.DataFrameSchema:
-    """pandera schema of a raw partition's rows for ``interval``."""
+    """pandera schema of a raw partition's rows for ``interval`` (built once per interval)."""
     step = interval_ms(interval)
     origin = WEEK_ORIGIN_MS if interval == "1w" else 0
     non_negative = pa_schema.Check.ge(0)

@@ -144,28 +144,34 @@ class PartitionIO:
         replaces: Callable[[pa.Table], np.ndarray],
         sort_keys: list[tuple[str, str]],
         validate: Callable[[pa.Table], None],
+        new_validated: bool = False,
     ) -> MergeResult:
         """Merge ``new`` into the partition at ``path`` under its lock.
 
         ``replaces(existing)`` marks the existing rows that ``new`` supersedes. Nothing is
         written when the merge changes no row, so re-running leaves the file untouched.
+        ``validate`` checks the merged partition; with ``new_validated`` (the caller already
+        validated ``new``) it is skipped when no existing row survives the merge, which
+        keeps a full-history backfill from validating thousands of one-day files one by one.
         """
         with self.lock(path):
             existing = self.read(path)
             new = new.sort_by(sort_keys)
             if existing is None:
-                merged, unchanged, revised = new, False, 0
+                merged, unchanged, revised, kept_rows = new, False, 0, 0
             else:
                 existing = existing.replace_schema_metadata(None)
                 superseded = replaces(existing)
                 kept = existing.filter(pa.array(~superseded))
+                kept_rows = kept.num_rows
                 old = existing.filter(pa.array(superseded)).sort_by(sort_keys)
                 new = new.cast(existing.schema)
                 merged = pa.concat_tables([kept, new])
                 unchanged = old.equals(new)
                 revised = _count_revised(old, new, sort_keys)
             merged = merged.sort_by(sort_keys)
-            validate(merged)
+            if kept_rows or not new_validated:
+                validate(merged)
             rows_before = 0 if existing is None else existing.num_rows
             result = MergeResult(str(path), day_ms, rows_before, merged.num_rows,
                                  merged.num_rows - rows_before, revised)
@@ -252,12 +258,17 @@ class RawStore:
     def metadata(self, interval: str, symbol: str, day_ms: int) -> dict[str, str]:
         return self.io.read_metadata(self.path(interval, symbol, day_ms))
 
-    def write(self, interval: str, symbol: str, table: pa.Table, provenance: dict[str, str]) -> list[MergeResult]:
-        """Merge ``table`` (RAW_SCHEMA rows) into its day partitions; returns one result per day."""
+    def write(self, interval: str, symbol: str, table: pa.Table, provenance: dict[str, str], *,
+              validated: bool = False) -> list[MergeResult]:
+        """Merge ``table`` (RAW_SCHEMA rows) into its day partitions; returns one result per day.
+
+        ``validated``: the caller already ran :func:`validate_raw` on these rows (sorted).
+        """
         if table.num_rows == 0:
             return []
         table = table.replace_schema_metadata(None)
-        validate_raw(table.sort_by("open_time"), interval)
+        if not validated:
+            validate_raw(table.sort_by("open_time"), interval)
         metadata = {**provenance, "symbol": symbol, "interval": interval, "schema_version": SCHEMA_VERSION}
         results = []
         for day, rows in sorted(_split_by_day(table).items()):
@@ -272,6 +283,7 @@ class RawStore:
                         pc.cast(existing.column("open_time"), pa.int64()).to_numpy(), t),
                     sort_keys=[("open_time", "ascending")],
                     validate=lambda merged: validate_raw(merged, interval),
+                    new_validated=True,
                 )
             )
         return results
@@ -314,7 +326,8 @@ class CuratedStore:
         return table.filter(mask)
 
     def write_day(self, interval: str, symbol: str, day_ms: int, rows: pa.Table,
-                  metadata: dict[str, str], validate: Callable[[pa.Table], None]) -> MergeResult:
+                  metadata: dict[str, str], validate: Callable[[pa.Table], None],
+                  new_validated: bool = False) -> MergeResult:
         """Replace ``symbol``'s rows of one day, keeping the other symbols' rows."""
         return self.io.merge(
             self.path(interval, day_ms),
@@ -324,6 +337,7 @@ class CuratedStore:
             replaces=lambda existing: pc.equal(existing.column("symbol"), symbol).to_numpy(zero_copy_only=False),
             sort_keys=[("symbol", "ascending"), ("open_time", "ascending")],
             validate=validate,
+            new_validated=new_validated,
         )
 
 
