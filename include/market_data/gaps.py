@@ -120,6 +120,18 @@ class GapRegistry:
                 self.io.write_atomic(self.path, self._table(kept), {"symbol": self.symbol, "interval": self.interval})
             return kept
 
+    def resolve(self, holes: list[tuple[int, int]], start_ms: int, end_ms: int) -> int:
+        """Forget known gaps inside ``[start_ms, end_ms)`` that no longer hold any of ``holes``
+        (Binance published the candles after all); returns how many slots they had."""
+        with self.io.lock(self.path):
+            known = self.load()
+            filled = [g for g in known if start_ms <= g.start_ms and g.end_ms <= end_ms
+                      and not any(s < g.end_ms and g.start_ms < e for s, e in holes)]
+            if filled:
+                kept = [g for g in known if g not in filled]
+                self.io.write_atomic(self.path, self._table(kept), {"symbol": self.symbol, "interval": self.interval})
+            return sum(g.missing_slots for g in filled)
+
     @staticmethod
     def _table(gaps: list[KnownGap]) -> pa.Table:
         values = {

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +47,26 @@ def resolve_root(location: str):
 
 def _is_local(path) -> bool:
     return isinstance(path, Path)
+
+
+def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
+    """Replace ``path`` with what ``write(handle)`` writes, in one step: readers see the old
+    file or the new one, never a part (temp file + ``os.replace`` locally, one PUT on S3/GCS)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not _is_local(path):
+        with path.open("wb") as handle:
+            write(handle)
+        return
+    temp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(temp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    finally:
+        if temp.exists():
+            temp.unlink()
 
 
 def day_from_key(key: str) -> int:
@@ -119,21 +139,7 @@ class PartitionIO:
         """Replace ``path`` with ``table`` in one step; readers see the old or the new file."""
         schema_meta = {**(table.schema.metadata or {}), **{k.encode(): str(v).encode() for k, v in metadata.items()}}
         table = table.replace_schema_metadata(schema_meta)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not _is_local(path):
-            with path.open("wb") as handle:  # one object PUT: atomic on S3/GCS
-                pq.write_table(table, handle, compression="snappy")
-            return
-        temp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(temp, "wb") as handle:
-                pq.write_table(table, handle, compression="snappy")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp, path)
-        finally:
-            if temp.exists():
-                temp.unlink()
+        atomic_write(path, lambda handle: pq.write_table(table, handle, compression="snappy"))
 
     def merge(
         self,

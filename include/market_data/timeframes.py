@@ -6,6 +6,7 @@ Every time in this project is an ``int`` of epoch milliseconds (UTC) or a timezo
 
 from __future__ import annotations
 
+import calendar
 from datetime import date, datetime, timedelta, timezone
 
 from binance_provider.hooks.intervals import (  # noqa: F401 - re-exported: Binance's grid facts
@@ -79,7 +80,9 @@ def to_ms(value: datetime | date | str | int | float) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     moment = to_utc(value)
-    return (moment - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(milliseconds=1)
+    # Integer arithmetic (no float timestamp); works for datetime subclasses such as
+    # pendulum's DateTime, which Airflow passes as data_interval_start/end.
+    return calendar.timegm(moment.utctimetuple()) * 1000 + moment.microsecond // 1000
 
 
 def ms_to_utc(ts_ms: int) -> datetime:

@@ -52,3 +52,10 @@ def test_days_in_window_and_unknown_interval():
     assert days_in_window(MONDAY + HOUR_MS, MONDAY + DAY_MS + 1) == [MONDAY, MONDAY + DAY_MS]
     with pytest.raises(ValueError, match="2m"):
         interval_ms("2m")
+
+
+def test_to_ms_reads_pendulum_datetimes_as_airflow_passes_them():
+    import pendulum
+
+    moment = pendulum.datetime(2024, 3, 1, 0, 15, 0, 123000, tz="Europe/Paris")
+    assert to_ms(moment) == to_ms("2024-02-29T23:15:00.123Z")

@@ -1,0 +1,428 @@
+"""Klines from a source into raw partitions: fetch -> gap_check -> write_raw.
+
+Each step is a plain function over paths so the DAG tasks stay thin and only paths,
+counts and ranges cross XCom. ``DataIngestion`` runs the three steps in one call for
+shell use (the seed's ``asyncio.run(DataIngestion().ingest_timeframe(...))``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from include.market_data import observability
+from include.market_data.config import BINANCE_CONN_ID, Settings, load_settings, validate_symbol
+from include.market_data.gaps import GapRegistry, missing_ranges, slot_count
+from include.market_data.schema import RAW_COLUMNS, RAW_SCHEMA, decimal_places, rows_to_table, validate_raw
+from include.market_data.storage import RawStore, resolve_root
+from include.market_data.timeframes import (
+    DAY_MS, ceil_to_grid, closed_end, interval_ms, ms_to_utc, now_ms, to_ms,
+)
+
+log = observability.get_logger(__name__)
+
+STAGING_DIR = "_staging"
+PROGRESS_EVERY_S = 10.0
+# How long after a candle closes Binance may take to serve it before a hole counts as an outage.
+PUBLISH_GRACE_MS = 5 * 60_000
+# Provenance travels with each staged row so each day partition gets the metadata of
+# the response its rows came from.
+STAGING_SCHEMA = RAW_SCHEMA.append(pa.field("_fetched_at", pa.string())).append(
+    pa.field("_latency_ms", pa.float64())).append(pa.field("_source", pa.string())).append(
+    pa.field("_endpoint", pa.string())).append(pa.field("_decimal_places", pa.int64()))
+
+
+class InvalidInput(ValueError):
+    """A user-given parameter is wrong; the message names it."""
+
+
+class WindowNotClosed(RuntimeError):
+    """The window's last candle has not closed yet: retry shortly instead of finishing short."""
+
+
+# -- where candles come from ---------------------------------------------------------------
+@dataclass(frozen=True)
+class KlineBatch:
+    """Closed candles of one response, with its provenance."""
+
+    rows: list[list]
+    source: str
+    endpoint: str
+    fetched_at: str
+    latency_ms: float
+
+
+class KlineSource(Protocol):
+    """The seam for candle sources (Binance REST today; the public-data archive later)."""
+
+    def batches(self, symbol: str, interval: str, start_ms: int, end_ms: int) -> Iterator[KlineBatch]:
+        """Closed candles with ``open_time`` in ``[start_ms, end_ms)``, in time order."""
+
+
+class BinanceRestSource:
+    """Candles from Binance's REST API through :class:`BinanceHook`."""
+
+    def __init__(self, settings: Settings, conn_id: str = BINANCE_CONN_ID, hook=None):
+        if hook is None:
+            from binance_provider.hooks.binance import BinanceHook  # deferred: imports Airflow
+
+            hook = BinanceHook(binance_conn_id=conn_id, settings=settings)
+        self.hook = hook
+        self.settings = settings
+
+    def batches(self, symbol: str, interval: str, start_ms: int, end_ms: int) -> Iterator[KlineBatch]:
+        for page in self.hook.iter_klines(symbol, interval, start_ms, end_ms,
+                                          concurrency=self.settings.max_concurrency):
+            meta = page.meta
+            yield KlineBatch(page.rows, meta.source, meta.endpoint, meta.fetched_at, meta.latency_ms)
+
+
+# -- windows -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Window:
+    """Grid-aligned half-open window ``[start_ms, end_ms)`` on ``open_time``."""
+
+    interval: str
+    start_ms: int
+    end_ms: int
+
+    @property
+    def slots(self) -> int:
+        return max(0, (self.end_ms - self.start_ms) // interval_ms(self.interval))
+
+    def describe(self) -> str:
+        return f"[{ms_to_utc(self.start_ms).isoformat()}, {ms_to_utc(self.end_ms).isoformat()})"
+
+
+def check_interval(interval: str, settings: Settings) -> str:
+    if interval not in settings.intervals:
+        raise InvalidInput(f"interval={interval!r} is not one of the configured intervals "
+                           f"{','.join(settings.intervals)} (BINANCE_INTERVALS)")
+    return interval
+
+
+def check_symbol(symbol: str) -> str:
+    try:
+        return validate_symbol(symbol, "symbol")
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+
+
+def _parse_time(value, name: str) -> int:
+    try:
+        return to_ms(value)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"{name}={value!r} is not a valid time: {exc}") from None
+
+
+def resolve_window(interval: str, start, end, *, settings: Settings, now: int | None = None,
+                   require_closed: bool = False) -> Window:
+    """Validate a user- or scheduler-given window and align it to the candle grid.
+
+    ``end`` up to now is clipped to the last closed candle (or, with ``require_closed``,
+    raises :class:`WindowNotClosed` so the run retries instead of finishing short).
+    """
+    check_interval(interval, settings)
+    now = now_ms() if now is None else now
+    start_ms, end_ms = _parse_time(start, "start"), _parse_time(end, "end")
+    if start_ms >= end_ms:
+        raise InvalidInput(f"start={ms_to_utc(start_ms).isoformat()} must be before end={ms_to_utc(end_ms).isoformat()}")
+    if start_ms < settings.ingest_start_ms:
+        raise InvalidInput(f"start={ms_to_utc(start_ms).isoformat()} is before INGEST_START="
+                           f"{settings.ingest_start.isoformat()}")
+    if end_ms > now and not require_closed:
+        raise InvalidInput(f"end={ms_to_utc(end_ms).isoformat()} is in the future (now {ms_to_utc(now).isoformat()})")
+    last_closed_end = closed_end(now, interval)
+    aligned_start = ceil_to_grid(start_ms, interval)
+    aligned_end = ceil_to_grid(end_ms, interval)
+    if aligned_end > last_closed_end:
+        if require_closed:
+            raise WindowNotClosed(
+                f"{interval} window ends {ms_to_utc(aligned_end).isoformat()} but the newest closed candle "
+                f"ends {ms_to_utc(last_closed_end).isoformat()}; retrying until it closes")
+        aligned_end = last_closed_end
+    return Window(interval, aligned_start, max(aligned_start, aligned_end))
+
+
+# -- staging -----------------------------------------------------------------------------
+def staging_root(settings: Settings):
+    return resolve_root(settings.raw_data_dir) / STAGING_DIR
+
+
+def _batch_table(batch: KlineBatch) -> pa.Table:
+    table = rows_to_table(batch.rows)
+    n = table.num_rows
+    return (table.append_column("_fetched_at", pa.array([batch.fetched_at] * n, pa.string()))
+            .append_column("_latency_ms", pa.array([float(batch.latency_ms)] * n, pa.float64()))
+            .append_column("_source", pa.array([batch.source] * n, pa.string()))
+            .append_column("_endpoint", pa.array([batch.endpoint] * n, pa.string()))
+            .append_column("_decimal_places", pa.array([decimal_places(batch.rows)] * n, pa.int64())))
+
+
+@dataclass
+class FetchSummary:
+    symbol: str
+    interval: str
+    start_ms: int
+    end_ms: int
+    path: str | None
+    pages: int = 0
+    candles: int = 0
+
+
+def fetch_to_staging(source: KlineSource, symbol: str, window: Window, path) -> FetchSummary:
+    """Page ``window`` from ``source`` into a staging Parquet file at ``path``."""
+    summary = FetchSummary(symbol, window.interval, window.start_ms, window.end_ms, str(path))
+    if window.slots == 0:
+        summary.path = None
+        return summary
+    total_pages = -(-window.slots // 1000)
+    started = last_report = time.monotonic()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as handle, pq.ParquetWriter(handle, STAGING_SCHEMA, compression="snappy") as writer:
+        for batch in source.batches(symbol, window.interval, window.start_ms, window.end_ms):
+            summary.pages += 1
+            if batch.rows:
+                writer.write_table(_batch_table(batch))
+                summary.candles += len(batch.rows)
+            if time.monotonic() - last_report >= PROGRESS_EVERY_S:
+                last_report = time.monotonic()
+                elapsed = last_report - started
+                fraction = min(summary.pages / total_pages, 1.0)
+                log.info("fetch progress", symbol=symbol, interval=window.interval,
+                         pages=summary.pages, pages_total=total_pages, candles=summary.candles,
+                         percent=round(100 * fraction, 1),
+                         eta_s=round(elapsed / fraction - elapsed, 1) if fraction else None)
+    return summary
+
+
+def read_staged(paths: list[str]) -> pa.Table:
+    tables = []
+    for location in paths:
+        if location:
+            with resolve_root(location).open("rb") as handle:
+                tables.append(pq.read_table(handle))
+    return pa.concat_tables(tables) if tables else STAGING_SCHEMA.empty_table()
+
+
+# -- gap check ---------------------------------------------------------------------------
+@dataclass
+class GapSummary:
+    symbol: str
+    interval: str
+    checked_start_ms: int
+    checked_end_ms: int
+    gaps_found: int = 0
+    gaps_filled: int = 0
+    known_gap_slots: int = 0
+    skipped_known_slots: int = 0
+    refetched_ranges: list[tuple[int, int]] = field(default_factory=list)
+    path: str | None = None
+
+
+def gap_check(source: KlineSource, store: RawStore, registry: GapRegistry, symbol: str, window: Window,
+              staged: list[str], *, lookback_days: int, floor_ms: int, now: int, path) -> GapSummary:
+    """Find missing slots in ``window`` plus the lookback, refetch them, record Binance's holes."""
+    interval = window.interval
+    checked_end = window.end_ms
+    checked_start = max(floor_ms, min(window.start_ms, checked_end - lookback_days * DAY_MS))
+    checked_start = ceil_to_grid(checked_start, interval)
+    summary = GapSummary(symbol, interval, checked_start, checked_end, path=None)
+    if checked_end <= checked_start:
+        return summary
+    staged_times = pc.cast(read_staged(staged).column("open_time"), pa.int64()).to_numpy()
+    stored_times = store.open_times(interval, symbol, checked_start, checked_end)
+    holes = missing_ranges(np.concatenate([staged_times, stored_times]), checked_start, checked_end, interval)
+    summary.gaps_found = slot_count(holes, interval)
+    summary.gaps_filled = registry.resolve(holes, checked_start, checked_end)
+    refetch, skipped = registry.to_refetch(holes, now)
+    summary.skipped_known_slots = slot_count(skipped, interval)
+    summary.refetched_ranges = refetch
+    if not refetch:
+        return summary
+    refetched = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as handle, pq.ParquetWriter(handle, STAGING_SCHEMA, compression="snappy") as writer:
+        for start, end in refetch:
+            for batch in source.batches(symbol, interval, start, end):
+                if batch.rows:
+                    writer.write_table(_batch_table(batch))
+                    refetched.extend(row[0] for row in batch.rows)
+    summary.path = str(path)
+    found = np.asarray(refetched, dtype=np.int64)
+    still_missing = [r for start, end in refetch for r in missing_ranges(found, start, end, interval)]
+    if still_missing and still_missing[-1][1] == checked_end and now - checked_end < PUBLISH_GRACE_MS:
+        # The newest candles just closed: Binance may not have published them yet. That is
+        # not an outage; fail so the task retries shortly instead of recording a gap.
+        raise WindowNotClosed(f"{symbol} {interval}: candles from {ms_to_utc(still_missing[-1][0]).isoformat()} "
+                              f"closed under {PUBLISH_GRACE_MS // 1000} s ago and are not on Binance yet; retrying")
+    summary.gaps_filled += summary.gaps_found - summary.skipped_known_slots - slot_count(still_missing, interval)
+    known = registry.record(refetch, still_missing, now)
+    summary.known_gap_slots = sum(g.missing_slots for g in known
+                                  if g.start_ms < checked_end and checked_start < g.end_ms)
+    if still_missing:
+        log.warning("binance lacks candles", symbol=symbol, interval=interval, status="known_gap",
+                    ranges=[f"{ms_to_utc(s).isoformat()}/{ms_to_utc(e).isoformat()}" for s, e in still_missing])
+    return summary
+
+
+# -- write -------------------------------------------------------------------------------
+@dataclass
+class WriteSummary:
+    symbol: str
+    interval: str
+    days: list[int] = field(default_factory=list)
+    rows_added: int = 0
+    rows_revised: int = 0
+    partitions_written: int = 0
+    newest_close_ms: int | None = None
+
+
+def write_staged(store: RawStore, symbol: str, interval: str, staged: list[str]) -> WriteSummary:
+    """Merge staged rows into the day partitions, with each day's provenance as metadata."""
+    summary = WriteSummary(symbol, interval)
+    table = read_staged(staged)
+    if table.num_rows == 0:
+        return summary
+    table = table.sort_by([("open_time", "ascending"), ("_fetched_at", "descending")])
+    times = pc.cast(table.column("open_time"), pa.int64()).to_numpy()
+    first_of_each = np.concatenate([[True], times[1:] != times[:-1]])  # newest fetch wins
+    table = table.filter(pa.array(first_of_each))
+    times = times[first_of_each]
+    validate_raw(table.select(list(RAW_COLUMNS)), interval)  # once for all days, not per partition
+    days = times // DAY_MS * DAY_MS
+    boundaries = np.flatnonzero(np.diff(days)) + 1
+    for lo, hi in zip(np.concatenate([[0], boundaries]), np.concatenate([boundaries, [len(days)]])):
+        part = table.slice(int(lo), int(hi - lo))
+        newest = int(np.argmax(pc.cast(pc.cast(part.column("_fetched_at"), pa.timestamp("us", tz="UTC")),
+                                       pa.int64()).to_numpy()))
+        provenance = {
+            "source": part.column("_source")[newest].as_py(),
+            "endpoint": part.column("_endpoint")[newest].as_py(),
+            "fetched_at": part.column("_fetched_at")[newest].as_py(),
+            "latency_ms": f"{part.column('_latency_ms')[newest].as_py():.1f}",
+            "decimal_places": str(part.column("_decimal_places")[newest].as_py()),
+        }
+        for result in store.write(interval, symbol, part.select(list(RAW_COLUMNS)), provenance, validated=True):
+            summary.days.append(result.day_ms)
+            summary.rows_added += max(result.added, 0)
+            summary.rows_revised += result.revised
+            summary.partitions_written += 1
+    summary.newest_close_ms = int(times[-1]) + interval_ms(interval) - 1
+    return summary
+
+
+def newest_stored_close_ms(store: RawStore, symbol: str, interval: str) -> int | None:
+    for day in reversed(store.days(interval, symbol)):
+        table = store.read_day(interval, symbol, day, columns=["close_time"])
+        if table is not None and table.num_rows:
+            return int(pc.max(pc.cast(table.column("close_time"), pa.int64())).as_py())
+    return None
+
+
+def emit_ingest_metrics(interval: str, *, candles: int | None = None, gaps: GapSummary | None = None,
+                        newest_close_ms: int | None = None, now: int | None = None) -> None:
+    if candles is not None:
+        observability.incr(f"ingest.{interval}.candles", candles)
+    if gaps is not None:
+        observability.incr(f"ingest.{interval}.gaps_found", gaps.gaps_found)
+        observability.incr(f"ingest.{interval}.gaps_filled", gaps.gaps_filled)
+    if newest_close_ms is not None:
+        lag_s = ((now_ms() if now is None else now) - newest_close_ms) / 1000
+        observability.gauge(f"ingest.{interval}.lag_seconds", round(lag_s, 3))
+
+
+# -- the shell API -----------------------------------------------------------------------
+@dataclass
+class IngestSummary:
+    symbol: str
+    interval: str
+    start: str
+    end: str
+    candles_fetched: int
+    pages: int
+    rows_added: int
+    rows_revised: int
+    days_touched: list[str]
+    gaps_found: int
+    gaps_filled: int
+    known_gap_slots: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class DataIngestion:
+    """Ingest closed klines into raw Parquet from a plain Python shell or a task.
+
+    >>> asyncio.run(DataIngestion().ingest_timeframe('1h', datetime.utcnow() - timedelta(days=7), datetime.utcnow()))
+    """
+
+    def __init__(self, settings: Settings | None = None, source: KlineSource | None = None,
+                 conn_id: str = BINANCE_CONN_ID):
+        self.settings = settings or load_settings()
+        self._source = source
+        self.conn_id = conn_id
+        self.store = RawStore(self.settings.raw_data_dir)
+
+    @property
+    def source(self) -> KlineSource:
+        if self._source is None:
+            self._source = BinanceRestSource(self.settings, self.conn_id)
+        return self._source
+
+    async def ingest_timeframe(self, interval: str, start: datetime | date | str | int,
+                               end: datetime | date | str | int, symbol: str = "BTCUSDT") -> IngestSummary:
+        """Ingest ``[start, end)``; a coroutine so the seed's ``asyncio.run(...)`` line works."""
+        return await asyncio.to_thread(self.ingest, interval, start, end, symbol)
+
+    def ingest(self, interval: str, start, end, symbol: str = "BTCUSDT", *, now: int | None = None) -> IngestSummary:
+        started = time.monotonic()
+        check_symbol(symbol)
+        now = now_ms() if now is None else now
+        window = resolve_window(interval, start, end, settings=self.settings, now=now)
+        staging = Path(tempfile.mkdtemp(prefix=f"ingest_{symbol}_{interval}_"))
+        try:
+            fetched = fetch_to_staging(self.source, symbol, window, staging / "fetch.parquet")
+            staged = [p for p in [fetched.path] if p]
+            gaps = gap_check(self.source, self.store, GapRegistry(self.settings.raw_data_dir, symbol, interval),
+                             symbol, window, staged, lookback_days=0, floor_ms=window.start_ms, now=now,
+                             path=staging / "refetch.parquet")
+            staged += [p for p in [gaps.path] if p]
+            written = write_staged(self.store, symbol, interval, staged)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        emit_ingest_metrics(interval, candles=fetched.candles, gaps=gaps,
+                            newest_close_ms=written.newest_close_ms, now=now)
+        summary = IngestSummary(
+            symbol=symbol, interval=interval,
+            start=ms_to_utc(window.start_ms).isoformat(), end=ms_to_utc(window.end_ms).isoformat(),
+            candles_fetched=fetched.candles, pages=fetched.pages,
+            rows_added=written.rows_added, rows_revised=written.rows_revised,
+            days_touched=[ms_to_utc(d).date().isoformat() for d in written.days],
+            gaps_found=gaps.gaps_found, gaps_filled=gaps.gaps_filled, known_gap_slots=gaps.known_gap_slots,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        log.info("ingest done", **{k: v for k, v in summary.as_dict().items() if k != "days_touched"},
+                 days=len(summary.days_touched), status="ok")
+        return summary
+
+
+__all__ = [
+    "BinanceRestSource", "DataIngestion", "FetchSummary", "GapSummary", "IngestSummary", "InvalidInput",
+    "KlineBatch", "KlineSource", "Window", "WindowNotClosed", "WriteSummary", "check_interval", "check_symbol",
+    "emit_ingest_metrics", "fetch_to_staging", "gap_check", "newest_stored_close_ms", "read_staged",
+    "resolve_window", "staging_root", "write_staged", "datetime", "timedelta", "timezone",
+]

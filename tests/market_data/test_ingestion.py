@@ -1,0 +1,120 @@
+"""DataIngestion against the Binance sandbox over real HTTP."""
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from include.market_data.config import load_settings
+from include.market_data.gaps import GapRegistry
+from include.market_data.ingestion import DataIngestion, InvalidInput, WindowNotClosed, resolve_window
+from include.market_data.schema import table_to_rows
+from include.market_data.storage import RawStore
+from include.market_data.timeframes import HOUR_MS, now_ms, to_ms
+
+
+def stored_rows(interval, start, end, symbol="BTCUSDT"):
+    store = RawStore(load_settings().raw_data_dir)
+    return table_to_rows(store.read(interval, symbol, to_ms(start), to_ms(end)), 8)
+
+
+def partition_bytes(interval):
+    root = RawStore(load_settings().raw_data_dir).root / interval
+    return {p.name: p.read_bytes() for p in sorted(root.glob("*.parquet"))}
+
+
+WINDOWS = {  # each crosses a UTC midnight; 1w crosses week boundaries (Mondays)
+    "15m": ("2024-02-28T20:00Z", "2024-03-01T04:00Z"),
+    "30m": ("2024-02-28T20:00Z", "2024-03-01T04:00Z"),
+    "1h": ("2024-02-27T12:00Z", "2024-03-01T12:00Z"),
+    "4h": ("2024-02-20", "2024-03-01"),
+    "1d": ("2023-12-25", "2024-03-01"),
+    "1w": ("2023-10-01", "2024-03-01"),
+}
+
+
+@pytest.mark.parametrize("interval", list(WINDOWS))
+def test_ingested_rows_equal_the_sandbox_truth_exactly(data_env, sandbox, interval):
+    start, end = WINDOWS[interval]
+    summary = asyncio.run(DataIngestion().ingest_timeframe(interval, start, end))
+    truth = sandbox.truth("BTCUSDT", interval, to_ms(start), to_ms(end))
+    assert truth and stored_rows(interval, start, end) == truth
+    assert summary.rows_added == len(truth) and summary.gaps_found == 0
+    # nothing outside the half-open window
+    assert stored_rows(interval, "2017-08-17", "2030-01-01") == truth
+
+
+def test_rerunning_a_window_leaves_partitions_byte_identical(data_env, sandbox):
+    ingestion = DataIngestion()
+    ingestion.ingest("15m", "2024-02-29", "2024-03-02")
+    before = partition_bytes("15m")
+    again = ingestion.ingest("15m", "2024-02-29", "2024-03-02")
+    assert again.rows_added == 0 and again.rows_revised == 0
+    assert partition_bytes("15m") == before and len(before) == 2
+
+
+def test_full_history_of_1d_pages_through_every_year(data_env, sandbox):
+    summary = DataIngestion().ingest("1d", "2017-08-17", datetime.now(timezone.utc))
+    truth = sandbox.truth("BTCUSDT", "1d", to_ms("2017-08-17"), now_ms())
+    assert summary.pages >= 4 and len(truth) > 3000
+    assert stored_rows("1d", "2017-08-17", "2100-01-01") == truth
+
+
+def test_the_open_candle_is_never_written(data_env, sandbox):
+    DataIngestion().ingest("15m", datetime.now(timezone.utc) - timedelta(hours=3), datetime.now(timezone.utc))
+    rows = stored_rows("15m", "2017-08-17", "2100-01-01")
+    assert rows and rows[-1][6] < now_ms()
+    assert len(rows) in (11, 12)  # 3 h of closed 15m candles, depending on where now falls
+
+
+def test_an_outage_is_recorded_as_a_known_gap_and_not_refetched_every_run(data_env, sandbox):
+    outage = (to_ms("2024-03-01T06:00Z"), to_ms("2024-03-01T09:00Z"))
+    sandbox.set_faults({"outages": [{"start": outage[0], "end": outage[1]}]})
+    ingestion = DataIngestion()
+    first = ingestion.ingest("1h", "2024-03-01", "2024-03-02")
+    truth = sandbox.truth("BTCUSDT", "1h", to_ms("2024-03-01"), to_ms("2024-03-02"))
+    assert len(truth) == 21 and stored_rows("1h", "2024-03-01", "2024-03-02") == truth
+    assert (first.gaps_found, first.gaps_filled, first.known_gap_slots) == (3, 0, 3)
+    gaps = GapRegistry(load_settings().raw_data_dir, "BTCUSDT", "1h").load()
+    assert [(g.start_ms, g.end_ms, g.missing_slots, g.checks) for g in gaps] == [(*outage, 3, 1)]
+    # a second run within the re-check delay does not ask Binance for the hole again
+    sandbox.reset_stats()
+    second = ingestion.ingest("1h", "2024-03-01", "2024-03-02")
+    assert second.gaps_found == 3 and second.known_gap_slots == 0
+    assert sandbox.stats()["by_endpoint"]["/api/v3/klines"] == 1  # the window page only
+    # once the re-check is due and Binance has the candles, the hole is filled and forgotten
+    sandbox.clear_faults()
+    later = ingestion.ingest("1h", "2024-03-01", "2024-03-02", now=now_ms() + 2 * HOUR_MS)
+    assert later.gaps_filled == 3
+    assert len(stored_rows("1h", "2024-03-01", "2024-03-02")) == 24
+    assert GapRegistry(load_settings().raw_data_dir, "BTCUSDT", "1h").load() == []
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"interval": "2h"}, "interval"),
+    ({"symbol": "../../etc"}, "symbol"),
+    ({"symbol": "btcusdt"}, "symbol"),
+    ({"symbol": ""}, "symbol"),
+    ({"start": "2024-03-02", "end": "2024-03-01"}, "start"),
+    ({"end": "2999-01-01"}, "end"),
+    ({"start": "2016-01-01"}, "INGEST_START"),
+    ({"start": "next tuesday"}, "start"),
+])
+def test_bad_input_names_the_parameter_and_writes_nothing(data_env, sandbox, kwargs, name):
+    args = {"interval": "1h", "start": "2024-03-01", "end": "2024-03-02", "symbol": "BTCUSDT", **kwargs}
+    with pytest.raises(InvalidInput, match=name):
+        DataIngestion().ingest(args["interval"], args["start"], args["end"], args["symbol"])
+    assert not (data_env / "raw").exists() or not list((data_env / "raw").rglob("*.parquet"))
+    assert sandbox.stats()["by_endpoint"].get("/api/v3/klines", 0) == 0
+
+
+def test_window_clipping_and_retry_when_not_closed():
+    settings = load_settings({})
+    now = to_ms("2024-03-01T10:07Z")
+    window = resolve_window("15m", "2024-03-01T09:00Z", "2024-03-01T10:07Z", settings=settings, now=now)
+    assert (window.start_ms, window.end_ms) == (to_ms("2024-03-01T09:00Z"), to_ms("2024-03-01T10:00Z"))
+    with pytest.raises(WindowNotClosed):
+        resolve_window("1h", "2024-03-01T09:00Z", "2024-03-01T11:00Z", settings=settings,
+                       now=to_ms("2024-03-01T10:59:59Z"), require_closed=True)
+    aligned = resolve_window("1h", "2024-03-01T09:30", "2024-03-01T10:00", settings=settings, now=now)
+    assert aligned.slots == 0  # the 09:00 candle opens before start: not in [09:30, 10:00)
