@@ -1,0 +1,676 @@
+"""Deployment and observability files: docker-compose.yaml, the statsd-exporter mapping, Prometheus
+and Grafana provisioning, and the dashboard.
+
+The metric checks model statsd-exporter's glob matcher as it is implemented (pkg/mapper/fsm): ``*``
+matches exactly one dot-free component, the first rule in file order wins, and a rule whose match
+is a component-prefix of (or equal to) an earlier rule's is silently never matched. A plain
+first-match regex reading is run beside it: the two must agree, so no rule is shadowed.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yaml"
+MAPPING = ROOT / "include" / "statsd" / "mapping.yml"
+PROMETHEUS = ROOT / "include" / "prometheus" / "prometheus.yml"
+GRAFANA_DATASOURCE = ROOT / "include" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+GRAFANA_DASHBOARDS = ROOT / "include" / "grafana" / "provisioning" / "dashboards" / "dashboards.yml"
+DASHBOARD = ROOT / "include" / "grafana" / "dashboards" / "market_data.json"
+
+INTERVALS = ("15m", "30m", "1h", "4h", "1d", "1w")
+AIRFLOW_IMAGE = "apache/airflow:3.3.2-python3.11"
+AIRFLOW_SERVICES = ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
+                    "airflow-worker")
+ALL_SERVICES = AIRFLOW_SERVICES + ("airflow-init", "postgres", "redis", "statsd-exporter", "prometheus",
+                                   "grafana", "sandbox")
+
+# DESIGN.md "Metrics and logs": (name after Airflow's "airflow." prefix, StatsD type, Prometheus
+# metric the mapping must produce, its labels). Placeholders substituted with examples.
+_STATUSES = ("429", "418", "500", "503", "400", "malformed", "timeout", "connection")
+DESIGN_METRICS = (
+    [("binance.request.duration", "observer", "airflow_binance_request_duration_seconds", {}),
+     ("binance.request.count", "counter", "airflow_binance_requests_total", {}),
+     ("binance.request.retry", "counter", "airflow_binance_request_retries_total", {}),
+     ("binance.rate_limited", "counter", "airflow_binance_rate_limited_total", {}),
+     ("binance.banned", "counter", "airflow_binance_banned_total", {}),
+     ("binance.weight_used", "gauge", "airflow_binance_weight_used", {}),
+     ("signal.generated", "counter", "airflow_signal_generated_total", {}),
+     ("signal.stale", "counter", "airflow_signal_stale_total", {})]
+    + [(f"binance.request.error.{s}", "counter", "airflow_binance_request_errors_total", {"status": s})
+       for s in _STATUSES]
+    + [m for i in INTERVALS for m in (
+        (f"ingest.{i}.candles", "counter", "airflow_ingest_candles_total", {"interval": i}),
+        (f"ingest.{i}.gaps_found", "counter", "airflow_ingest_gaps_found_total", {"interval": i}),
+        (f"ingest.{i}.gaps_filled", "counter", "airflow_ingest_gaps_filled_total", {"interval": i}),
+        (f"ingest.{i}.lag_seconds", "gauge", "airflow_ingest_lag_seconds", {"interval": i}),
+        (f"curate.{i}.rows", "counter", "airflow_curate_rows_total", {"interval": i}),
+        (f"curate.{i}.duration", "observer", "airflow_curate_duration_seconds", {"interval": i}))]
+)
+
+# Airflow's own metrics as Airflow 3.3.2 puts them on the wire with legacy_names_on (each tagged
+# metric is sent twice: variables in the name, and bare). None means: must be dropped.
+AIRFLOW_METRICS = [
+    ("pool.open_slots.binance_api", "gauge", "airflow_pool_open_slots", {"pool": "binance_api"}),
+    ("pool.queued_slots.binance_api", "gauge", "airflow_pool_queued_slots", {"pool": "binance_api"}),
+    ("pool.running_slots.binance_api", "gauge", "airflow_pool_running_slots", {"pool": "binance_api"}),
+    ("pool.starving_tasks.binance_api", "gauge", "airflow_pool_starving_tasks", {"pool": "binance_api"}),
+    ("pool.open_slots", "gauge", None, None),
+    ("pool.queued_slots", "gauge", None, None),
+    ("dagrun.duration.success.binance_klines_15m", "observer", "airflow_dagrun_duration_seconds",
+     {"dag_id": "binance_klines_15m", "state": "success"}),
+    ("dagrun.duration.failed.daily_signal", "observer", "airflow_dagrun_duration_seconds",
+     {"dag_id": "daily_signal", "state": "failed"}),
+    ("dagrun.duration.success", "observer", None, None),
+    ("ti_failures", "counter", "airflow_ti_failures_total", {}),
+    ("ti.finish.binance_klines_1h.fetch.failed", "counter", "airflow_ti_finish_total",
+     {"dag_id": "binance_klines_1h", "task_id": "fetch", "state": "failed"}),
+    ("scheduler_heartbeat", "counter", "airflow_scheduler_heartbeat_total", {}),
+    ("executor.open_slots.CeleryExecutor", "gauge", "airflow_executor_open_slots", {"executor": "CeleryExecutor"}),
+    ("executor.open_slots", "gauge", None, None),
+]
+
+STATSD_TYPES = {"c": "counter", "g": "gauge", "ms": "observer", "h": "observer", "d": "observer"}
+PROMETHEUS_TARGET_LABELS = {"job", "instance", "deployment"}  # added by Prometheus / prometheus.yml
+GRAFANA_BUILTINS = {"__rate_interval", "__range", "__interval", "__interval_ms", "__range_s", "__range_ms"}
+
+
+# -- helpers: compose interpolation --------------------------------------------------------------
+
+_INTERP = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+
+
+def interpolate(value, env=None):
+    """Compose's ${VAR} / ${VAR:-default} on every string (after YAML parsing, as compose does)."""
+    env = env or {}
+    if isinstance(value, str):
+        def sub(m):
+            return env.get(m.group(1)) or (m.group(2) if m.group(2) is not None else "")
+        return _INTERP.sub(sub, value).replace("$$", "$")
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    return value
+
+
+def load_compose(env=None):
+    return interpolate(yaml.safe_load(COMPOSE.read_text()), env)
+
+
+def bind_mounts(service):
+    """(host path relative to the repo, container path) of a service's bind mounts."""
+    out = []
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("./"):
+            out.append((source[2:], target))
+    return out
+
+
+# -- helpers: statsd-exporter mapping model ---------------------------------------------------
+
+_METRIC_LINE_RE = re.compile(r"^(\*|[a-zA-Z_][a-zA-Z0-9_\-]*)(\.\*|\.[a-zA-Z0-9_][a-zA-Z0-9_\-]*)*$")
+_METRIC_NAME_RE = re.compile(r"^([a-zA-Z_]|\$\{?\d+\}?)([a-zA-Z0-9_]|\$\{?\d+\}?)*$")
+_LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]+$")
+_DEFAULTS_KEYS = {"observer_type", "match_type", "glob_disable_ordering", "ttl", "summary_options",
+                  "histogram_options"}
+_MAPPING_KEYS = {"match", "name", "labels", "honor_labels", "observer_type", "match_type", "help", "action",
+                 "match_metric_type", "ttl", "summary_options", "histogram_options", "scale"}
+_TYPES = ("counter", "gauge", "observer")
+
+
+class _State:
+    def __init__(self, remaining):
+        self.transitions = {}
+        self.min_rem = self.max_rem = remaining
+        self.result = None
+        self.priority = 0
+
+
+class StatsdMapper:
+    """statsd-exporter v0.28 glob mapping: FSM as implemented, plus a first-match regex reading."""
+
+    def __init__(self, config):
+        self.defaults = config.get("defaults") or {}
+        self.mappings = config["mappings"]
+        self.roots = {t: _State(0) for t in _TYPES}
+        for priority, rule in enumerate(self.mappings):
+            fields = rule["match"].split(".")
+            types = [rule["match_metric_type"]] if rule.get("match_metric_type") else list(_TYPES)
+            finals = []
+            for metric_type in types:
+                state = self.roots[metric_type]
+                for i, field in enumerate(fields):
+                    remaining = len(fields) - i - 1
+                    nxt = state.transitions.get(field)
+                    if nxt is None:
+                        nxt = state.transitions[field] = _State(remaining)
+                        if remaining == 0:
+                            nxt.result = rule  # only a freshly created final state gets a result
+                    else:
+                        nxt.min_rem = min(nxt.min_rem, remaining)
+                        nxt.max_rem = max(nxt.max_rem, remaining)
+                    state = nxt
+                finals.append(state)
+            for state in finals:
+                state.priority = priority
+
+    def fsm_lookup(self, name, metric_type):
+        fields = name.split(".")
+        best = []
+
+        def walk(state, i, captures):
+            left = len(fields) - i - 1
+            keys = [fields[i]] + (["*"] if fields[i] != "*" else [])
+            for key in keys:
+                nxt = state.transitions.get(key)
+                if nxt is None or not nxt.min_rem <= left <= nxt.max_rem:
+                    continue
+                caps = captures + [fields[i]] if key == "*" else captures
+                if left == 0:
+                    if nxt.result is not None:
+                        best.append((nxt.priority, nxt.result, caps))
+                else:
+                    walk(nxt, i + 1, caps)
+
+        walk(self.roots[metric_type], 0, [])
+        if not best:
+            return None, []
+        _, rule, caps = min(best, key=lambda item: item[0])
+        return rule, caps
+
+    def regex_lookup(self, name, metric_type):
+        for rule in self.mappings:
+            if rule.get("match_metric_type") and rule["match_metric_type"] != metric_type:
+                continue
+            pattern = "^" + re.escape(rule["match"]).replace(r"\*", "([^.]*)") + "$"
+            m = re.match(pattern, name)
+            if m:
+                return rule, list(m.groups())
+        return None, []
+
+    @staticmethod
+    def _format(template, captures):
+        return re.sub(r"\$\{?(\d+)\}?", lambda m: captures[int(m.group(1)) - 1], template)
+
+    def map(self, name, metric_type):
+        """(rule, prometheus name, labels); (None, None, None) if unmatched."""
+        rule, caps = self.fsm_lookup(name, metric_type)
+        if rule is None:
+            return None, None, None
+        labels = {k: self._format(str(v), caps) for k, v in (rule.get("labels") or {}).items()}
+        return rule, self._format(rule["name"], caps), labels
+
+    def observer_type(self, rule):
+        return rule.get("observer_type") or self.defaults.get("observer_type") or "summary"
+
+    def produced_series(self):
+        """Prometheus series name -> label names, for every mapping rule (drops excluded)."""
+        out = {}
+        for rule in self.mappings:
+            if rule.get("action") == "drop":
+                continue
+            labels = set(rule.get("labels") or {})
+            name = rule["name"]
+            if rule["match_metric_type"] == "observer":
+                if self.observer_type(rule) == "histogram":
+                    out[name + "_bucket"] = labels | {"le"}
+                else:
+                    out[name] = labels | {"quantile"}
+                out[name + "_sum"] = labels
+                out[name + "_count"] = labels
+            else:
+                out[name] = labels
+        return out
+
+
+@pytest.fixture(scope="module")
+def mapper():
+    return StatsdMapper(yaml.safe_load(MAPPING.read_text()))
+
+
+@pytest.fixture(scope="module")
+def dashboard():
+    return json.loads(DASHBOARD.read_text())
+
+
+def all_panels(dash):
+    for panel in dash["panels"]:
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def all_exprs(dash):
+    for panel in all_panels(dash):
+        for target in panel.get("targets", []):
+            if target.get("expr"):
+                yield panel, target["expr"]
+
+
+# -- helpers: PromQL -----------------------------------------------------------------------------
+
+_PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or",
+                    "unless", "offset", "inf", "nan", "atan2",
+                    # aggregation operators, which may be followed by "by (...)" before their "("
+                    "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values",
+                    "bottomk", "topk", "quantile", "limitk", "limit_ratio"}
+_SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
+_GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+
+
+def promql_parts(expr):
+    """(metric names, {metric: matcher label names}, grouping label names) of a PromQL expression."""
+    matchers = {}
+    for metric, body in _SELECTOR.findall(expr):
+        body = re.sub(r'"(?:[^"\\]|\\.)*"', '""', body)
+        matchers.setdefault(metric, set()).update(re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", body))
+    grouping = set()
+    for _, labels in _GROUPING.findall(expr):
+        grouping.update(label.strip() for label in labels.split(",") if label.strip())
+    stripped = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    stripped = re.sub(r"\{[^}]*\}", " ", stripped)
+    stripped = re.sub(r"\[[^\]]*\]", " ", stripped)
+    stripped = _GROUPING.sub(r"\1 ", stripped)
+    names = set()
+    for m in re.finditer(r"(?<![\w$.])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?", stripped):
+        word, call = m.group(1), m.group(2)
+        if call or word in _PROMQL_KEYWORDS:
+            continue
+        names.add(word)
+    return names, matchers, grouping
+
+
+def test_promql_parts_helper():
+    names, matchers, grouping = promql_parts(
+        'histogram_quantile(0.95, sum by (le, interval) (rate(a_b_bucket{interval=~"$interval"}[1h]))) '
+        '/ ignoring(x) c_total or vector(6000 * 0.8)')
+    assert names == {"a_b_bucket", "c_total"}
+    assert matchers == {"a_b_bucket": {"interval"}}
+    assert grouping == {"le", "interval", "x"}
+
+
+# -- docker-compose.yaml ---------------------------------------------------------------------------
+
+def test_compose_has_every_service_with_the_multi_machine_shape():
+    compose = load_compose()
+    services = compose["services"]
+    assert set(ALL_SERVICES) <= set(services), set(ALL_SERVICES) - set(services)
+    for name in AIRFLOW_SERVICES + ("airflow-init",):
+        service = services[name]
+        env = service["environment"]
+        assert service["image"] == AIRFLOW_IMAGE, name
+        assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor", name
+        assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/", name
+        assert env["AIRFLOW__METRICS__STATSD_ON"] == "True", name
+        assert env["AIRFLOW__METRICS__STATSD_HOST"] == "statsd-exporter", name
+        assert env["AIRFLOW__METRICS__STATSD_PORT"] == "9125", name
+        assert env.get("AIRFLOW__METRICS__STATSD_PREFIX", "airflow") == "airflow", name
+        assert env.get("AIRFLOW__METRICS__LEGACY_NAMES_ON", "True") == "True", name  # the mapping relies on it
+        assert int(env["AIRFLOW__CORE__PARALLELISM"]) > 0, name
+        assert env["PYTHONPATH"].split(":") == ["/opt/airflow", "/opt/airflow/plugins"], name
+        for key in ("AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API__SECRET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET"):
+            assert key in env, (name, key)
+        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql"), name
+        assert re.fullmatch(r"redis://(:@)?redis:6379/\d+", env["AIRFLOW__CELERY__BROKER_URL"]), name
+        mounts = dict(bind_mounts(service))
+        for src, dst in (("dags", "/opt/airflow/dags"), ("plugins", "/opt/airflow/plugins"),
+                         ("include", "/opt/airflow/include"), ("data", "/opt/airflow/data")):
+            assert mounts.get(src) == dst, (name, src)
+    # secrets shared by every Airflow container (tokens signed by one are checked by another)
+    for key in ("AIRFLOW__API__SECRET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__FERNET_KEY"):
+        assert len({services[n]["environment"][key] for n in AIRFLOW_SERVICES}) == 1, key
+    commands = {n: services[n].get("command") for n in AIRFLOW_SERVICES}
+    assert commands == {"airflow-apiserver": "api-server", "airflow-scheduler": "scheduler",
+                        "airflow-dag-processor": "dag-processor", "airflow-triggerer": "triggerer",
+                        "airflow-worker": "celery worker"}
+    assert services["airflow-apiserver"]["ports"][0].endswith(":8080")
+
+
+def test_compose_healthchecks_and_dependencies():
+    services = load_compose()["services"]
+    for name, service in services.items():
+        if name == "airflow-init":  # one-shot
+            continue
+        check = service.get("healthcheck")
+        assert check and check["test"][0] in ("CMD", "CMD-SHELL"), f"{name} has no healthcheck"
+        assert "interval" in check and "retries" in check, name
+    for name, service in services.items():
+        for dep, spec in (service.get("depends_on") or {}).items():
+            assert dep in services, (name, dep)
+            assert "demo" not in services[dep].get("profiles", []), f"{name} depends on optional {dep}"
+            condition = spec["condition"]
+            assert condition in ("service_started", "service_healthy", "service_completed_successfully")
+            if condition == "service_healthy":
+                assert "healthcheck" in services[dep], (name, dep)
+            if condition == "service_completed_successfully":
+                assert dep == "airflow-init", (name, dep)
+    for name in AIRFLOW_SERVICES:
+        deps = services[name]["depends_on"]
+        assert deps["airflow-init"]["condition"] == "service_completed_successfully", name
+        assert deps["postgres"]["condition"] == deps["redis"]["condition"] == "service_healthy", name
+    assert services["airflow-worker"]["depends_on"]["airflow-apiserver"]["condition"] == "service_healthy"
+
+    done = set()
+
+    def visit(node, path):
+        assert node not in path, f"dependency cycle {path + [node]}"
+        if node in done:
+            return
+        for dep in services[node].get("depends_on") or {}:
+            visit(dep, path + [node])
+        done.add(node)
+
+    for name in services:
+        visit(name, [])
+
+
+def test_compose_interpolations_all_have_defaults():
+    for m in re.finditer(r"(?<!\$)\$\{([^}]*)\}", COMPOSE.read_text()):
+        assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*:-[^}]*", m.group(1)), f"${{{m.group(1)}}} has no default"
+
+
+def test_compose_init_migrates_and_creates_pool_and_connection():
+    script = " ".join(load_compose()["services"]["airflow-init"]["command"])
+    assert "airflow db migrate" in script
+    assert 'airflow pools set "binance_api" "4"' in script
+    assert re.search(r'connections add binance_default --conn-type http --conn-host "https://data-api\.binance\.vision"',
+                     script)
+    overridden = " ".join(load_compose({"BINANCE_POOL_SLOTS": "8", "BINANCE_HOST": "http://sandbox:8900"})
+                          ["services"]["airflow-init"]["command"])
+    assert 'pools set "binance_api" "8"' in overridden
+    assert '--conn-host "http://sandbox:8900"' in overridden
+    assert "db migrate" in script.split("pools set")[0], "migrate before creating the pool"
+
+
+def test_compose_sandbox_runs_the_real_cli_under_the_demo_profile():
+    sandbox = load_compose()["services"]["sandbox"]
+    assert sandbox["profiles"] == ["demo"]
+    argv = list(sandbox["entrypoint"]) + list(sandbox["command"])
+    assert argv[:3] == ["python", "-m", "include.binance_sandbox"]
+    parser = importlib.import_module("include.binance_sandbox.__main__").build_parser()
+    args = parser.parse_args(argv[3:])  # argparse exits (SystemExit) on an unknown flag
+    assert (args.host, args.port) == ("0.0.0.0", 8900)
+    assert sandbox["environment"]["PYTHONPATH"] == "/opt/airflow"
+    assert ("include", "/opt/airflow/include") in bind_mounts(sandbox)
+    assert any(p.endswith(":8900") for p in sandbox["ports"])
+
+
+def test_compose_observability_services_mount_the_repo_files():
+    services = load_compose()["services"]
+    for name, service in services.items():
+        for src, _ in bind_mounts(service):
+            assert src == "data" or (ROOT / src).exists(), f"{name} mounts missing ./{src}"
+    statsd = services["statsd-exporter"]
+    assert statsd["image"].startswith("prom/statsd-exporter:")
+    flags = dict(arg.split("=", 1) for arg in statsd["command"])
+    assert dict(bind_mounts(statsd))["include/statsd/mapping.yml"] == flags["--statsd.mapping-config"]
+    assert flags["--statsd.listen-udp"].endswith(":9125")
+    assert flags["--web.listen-address"].endswith(":9102")
+    prom = services["prometheus"]
+    flags = dict(arg.split("=", 1) for arg in prom["command"] if "=" in arg)
+    assert dict(bind_mounts(prom))["include/prometheus/prometheus.yml"] == flags["--config.file"]
+    grafana = dict(bind_mounts(services["grafana"]))
+    assert grafana["include/grafana/provisioning"] == "/etc/grafana/provisioning"
+    provider = yaml.safe_load(GRAFANA_DASHBOARDS.read_text())["providers"][0]
+    assert grafana["include/grafana/dashboards"] == provider["options"]["path"]
+
+
+def test_prometheus_scrapes_statsd_exporter():
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    targets = [t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
+    assert "statsd-exporter:9102" in targets
+    extra = {k for job in config["scrape_configs"] for sc in job.get("static_configs", [])
+             for k in sc.get("labels", {})}
+    assert extra <= PROMETHEUS_TARGET_LABELS
+
+
+def test_grafana_datasource_is_the_one_the_dashboard_uses(dashboard):
+    datasource = yaml.safe_load(GRAFANA_DATASOURCE.read_text())["datasources"][0]
+    assert datasource["type"] == "prometheus"
+    assert datasource["url"] == "http://prometheus:9090"
+    for panel in all_panels(dashboard):
+        if panel["type"] == "row":
+            continue
+        for ds in [panel["datasource"]] + [t["datasource"] for t in panel["targets"]]:
+            assert ds == {"type": "prometheus", "uid": datasource["uid"]}, panel["title"]
+
+
+# -- statsd-exporter mapping ------------------------------------------------------------------------
+
+def test_mapping_is_a_valid_statsd_exporter_config(mapper):
+    config = yaml.safe_load(MAPPING.read_text())
+    assert set(config) <= {"defaults", "mappings"}
+    assert set(mapper.defaults) <= _DEFAULTS_KEYS  # the exporter unmarshals strictly
+    assert mapper.defaults.get("match_type", "glob") == "glob"
+    assert not mapper.defaults.get("glob_disable_ordering", False)
+    kinds = {}
+    for rule in mapper.mappings:
+        assert set(rule) <= _MAPPING_KEYS, rule
+        assert rule.get("match_type", "glob") == "glob", rule
+        assert _METRIC_LINE_RE.match(rule["match"]), f"invalid match {rule['match']}"
+        assert rule["match"].startswith("airflow."), rule
+        assert _METRIC_NAME_RE.match(rule["name"]), rule
+        assert all(_LABEL_NAME_RE.match(k) for k in rule.get("labels") or {}), rule
+        assert rule.get("action", "map") in ("map", "drop"), rule
+        if rule.get("action") == "drop":
+            continue
+        metric_type = rule.get("match_metric_type")
+        assert metric_type in _TYPES, f"{rule['match']}: set match_metric_type"
+        assert mapper.observer_type(rule) in ("histogram", "summary")
+        if metric_type == "counter":
+            assert rule["name"].endswith("_total"), rule
+        if metric_type == "observer":
+            assert rule["name"].endswith("_seconds"), rule  # timers arrive in ms, exposed in seconds
+        buckets = (rule.get("histogram_options") or mapper.defaults.get("histogram_options") or {}).get("buckets")
+        if buckets:
+            assert buckets == sorted(set(buckets)), rule
+        # one Prometheus metric = one type and one label set, or the exporter rejects samples
+        kind = (metric_type, frozenset(rule.get("labels") or {}))
+        assert kinds.setdefault(rule["name"], kind) == kind, f"{rule['name']}: inconsistent type or labels"
+    series = mapper.produced_series()
+    bases = {r["name"] for r in mapper.mappings if r.get("action") != "drop"}
+    assert not (set(series) - bases) & bases, "a histogram/summary suffix collides with another metric"
+
+
+def test_every_rule_is_reachable(mapper):
+    """The FSM ignores a rule whose match is a component-prefix of, or equal to, an earlier one."""
+    for rule in mapper.mappings:
+        sample = rule["match"].replace("*", "sample_value")
+        for metric_type in ([rule["match_metric_type"]] if rule.get("match_metric_type") else _TYPES):
+            found, _ = mapper.fsm_lookup(sample, metric_type)
+            assert found is rule, f"rule {rule['match']} is shadowed by {found and found['match']}"
+
+
+@pytest.mark.parametrize("name, metric_type, prom_name, labels", DESIGN_METRICS + AIRFLOW_METRICS,
+                         ids=[m[0] for m in DESIGN_METRICS + AIRFLOW_METRICS])
+def test_metric_is_mapped(mapper, name, metric_type, prom_name, labels):
+    full = f"airflow.{name}"
+    fsm_rule, fsm_caps = mapper.fsm_lookup(full, metric_type)
+    regex_rule, regex_caps = mapper.regex_lookup(full, metric_type)
+    assert (fsm_rule, fsm_caps) == (regex_rule, regex_caps), "FSM and first-match readings disagree"
+    rule, got_name, got_labels = mapper.map(full, metric_type)
+    assert rule is not None, f"{full} is not matched by any rule"
+    if prom_name is None:
+        assert rule.get("action") == "drop", f"{full} should be dropped, got {got_name}"
+        return
+    assert rule.get("action", "map") == "map"
+    assert (got_name, got_labels) == (prom_name, labels), f"{full} -> {got_name}{got_labels}"
+
+
+def test_design_metrics_are_on_the_dashboard(mapper, dashboard):
+    used = set()
+    for _, expr in all_exprs(dashboard):
+        used |= promql_parts(expr)[0]
+    for name, metric_type, prom_name, _ in DESIGN_METRICS:
+        series = {prom_name} if metric_type != "observer" else \
+            {prom_name + s for s in ("_bucket", "_sum", "_count", "")}
+        assert series & used, f"{name} ({prom_name}) is on no dashboard panel"
+
+
+def _emitted_names(tree):
+    """Metric names passed to stats.incr/gauge/timing/timer or _emit(kind, name) in a module."""
+    kinds = {"incr": "counter", "decr": "counter", "gauge": "gauge", "timing": "observer", "timer": "observer"}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+        args = node.args
+        if func == "_emit" and len(args) >= 2 and isinstance(args[0], ast.Constant):
+            kind, arg = kinds.get(args[0].value), args[1]
+        elif func in kinds and args:
+            kind, arg = kinds[func], args[0]
+        else:
+            continue
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            yield arg.value, kind
+        elif isinstance(arg, ast.JoinedStr):
+            yield "".join(v.value if isinstance(v, ast.Constant) else "placeholder" for v in arg.values), kind
+
+
+def test_metric_names_emitted_by_the_code_are_mapped(mapper):
+    found = set()
+    for folder in ("plugins", "include/market_data", "dags"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for name, kind in _emitted_names(ast.parse(path.read_text(), str(path))):
+                if name.split(".")[0] in ("binance", "ingest", "curate", "signal"):
+                    found.add((name, kind, path.relative_to(ROOT).as_posix()))
+    assert any(name.startswith("binance.") for name, _, _ in found), "scanner found no Binance metric"
+    for name, kind, where in sorted(found):
+        rule, prom_name, _ = mapper.map(f"airflow.{name}", kind)
+        assert rule is not None and rule.get("action", "map") == "map", f"{where}: {kind} {name} is not mapped"
+
+
+_PROBE = textwrap.dedent("""
+    import datetime, os, socket, sys
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(2.0)
+    os.environ["AIRFLOW__METRICS__STATSD_PORT"] = str(sock.getsockname()[1])
+    from airflow.sdk.observability import stats as task_stats       # what task code uses
+    from airflow._shared.observability.metrics import stats as core_stats  # scheduler & co
+    from airflow.observability.metrics import stats_utils
+    core_stats.initialize(factory=stats_utils.get_stats_factory(), export_legacy_names=True)
+    for line in sys.stdin.read().splitlines():
+        kind, name = line.split(" ", 1)
+        {"counter": lambda: task_stats.incr(name), "gauge": lambda: task_stats.gauge(name, 7.5),
+         "observer": lambda: task_stats.timing(name, 12.5)}[kind]()
+    core_stats.gauge("pool.open_slots", 3, tags={"pool_name": "binance_api"})
+    core_stats.timing("dagrun.duration.success", dt=datetime.timedelta(seconds=5),
+                      tags={"dag_id": "binance_klines_15m", "run_type": "scheduled"})
+    core_stats.incr("ti_failures", tags={"dag_id": "binance_klines_15m", "task_id": "fetch"})
+    task_stats.incr("ti.finish", tags={"dag_id": "binance_klines_15m", "task_id": "grp.fetch", "state": "failed"})
+    while True:
+        try:
+            print(sock.recv(65535).decode())
+        except socket.timeout:
+            break
+""")
+
+
+def test_what_airflow_really_sends_is_mapped(mapper, tmp_path):
+    """Emit through Airflow 3.3.2's own stats backends to a UDP socket and map every line received."""
+    env = dict(os.environ, AIRFLOW_HOME=str(tmp_path), AIRFLOW__METRICS__STATSD_ON="True",
+               AIRFLOW__METRICS__STATSD_HOST="127.0.0.1", AIRFLOW__METRICS__STATSD_PREFIX="airflow",
+               AIRFLOW__METRICS__LEGACY_NAMES_ON="True")
+    lines = "\n".join(f"{kind} {name}" for name, kind, _, _ in DESIGN_METRICS)
+    out = subprocess.run([sys.executable, "-c", _PROBE], input=lines, capture_output=True, text=True,
+                         env=env, timeout=180, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    received = {}
+    for line in out.stdout.split():
+        name, rest = line.split(":", 1)
+        received[name] = STATSD_TYPES[rest.split("|")[1]]
+    for name, metric_type, prom_name, labels in DESIGN_METRICS:
+        assert received.get(f"airflow.{name}") == metric_type, f"airflow.{name} not received as {metric_type}"
+        assert mapper.map(f"airflow.{name}", metric_type)[1:] == (prom_name, labels)
+    wire = {
+        "airflow.pool.open_slots.binance_api": ("airflow_pool_open_slots", {"pool": "binance_api"}),
+        "airflow.pool.open_slots": None,
+        "airflow.dagrun.duration.success.binance_klines_15m":
+            ("airflow_dagrun_duration_seconds", {"dag_id": "binance_klines_15m", "state": "success"}),
+        "airflow.dagrun.duration.success": None,
+        "airflow.ti_failures": ("airflow_ti_failures_total", {}),
+        "airflow.ti.finish.binance_klines_15m.grp__fetch.failed":
+            ("airflow_ti_finish_total", {"dag_id": "binance_klines_15m", "task_id": "grp__fetch", "state": "failed"}),
+    }
+    for name, expected in wire.items():
+        assert name in received, f"Airflow did not send {name}; got {sorted(received)}"
+        rule, prom_name, labels = mapper.map(name, received[name])
+        if expected is None:
+            assert rule is not None and rule.get("action") == "drop", name
+        else:
+            assert (prom_name, labels) == expected, name
+
+
+# -- dashboard ---------------------------------------------------------------------------------------
+
+def test_dashboard_structure(dashboard):
+    assert dashboard["uid"] and dashboard["title"]
+    assert dashboard["schemaVersion"] >= 39  # Grafana 11
+    panels = list(all_panels(dashboard))
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    cells = {}
+    for panel in panels:
+        g = panel["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0, panel["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = panel["title"]
+        if panel["type"] != "row":
+            assert panel["type"] in ("timeseries", "stat", "bargauge", "gauge", "table", "barchart")
+            refs = [t["refId"] for t in panel["targets"]]
+            assert refs and len(refs) == len(set(refs)), panel["title"]
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    for panel, expr in all_exprs(dashboard):
+        for var in re.findall(r"\$\{?(\w+)", expr + panel["title"]):
+            assert var in variables | GRAFANA_BUILTINS, f"{panel['title']}: unknown variable ${var}"
+    interval_var = next(v for v in dashboard["templating"]["list"] if v["name"] == "interval")
+    assert interval_var["query"].split(",") == list(INTERVALS)
+
+
+def test_dashboard_promql_uses_only_mapped_metrics_and_labels(mapper, dashboard):
+    series = mapper.produced_series()
+    for panel, expr in all_exprs(dashboard):
+        where = f"{panel['title']}: {expr}"
+        for open_, close in ("()", "[]", "{}"):
+            assert expr.count(open_) == expr.count(close), f"unbalanced {open_}{close} in {where}"
+        names, matchers, grouping = promql_parts(expr)
+        unknown = names - set(series)
+        assert not unknown, f"{where} uses metrics the mapping never produces: {unknown}"
+        for metric, labels in matchers.items():
+            assert labels <= series[metric] | PROMETHEUS_TARGET_LABELS, f"{where}: bad label matcher {labels}"
+        available = set().union(*(series[n] for n in names)) | PROMETHEUS_TARGET_LABELS if names else set()
+        assert grouping <= available, f"{where}: grouping by labels {grouping - available} that do not exist"
+
+
+def test_dashboard_has_the_required_panels(dashboard):
+    exprs = [expr for _, expr in all_exprs(dashboard)]
+    joined = "\n".join(exprs)
+    assert re.search(r"vector\(\s*6000\s*\*\s*0\.8\s*\)", joined), "weight budget line 6000*0.8"
+    assert re.search(r"sum by \(status\) \(rate\(airflow_binance_request_errors_total", joined)
+    assert re.search(r"histogram_quantile\(0\.5,.*airflow_binance_request_duration_seconds_bucket", joined)
+    assert re.search(r"histogram_quantile\(0\.95,.*airflow_binance_request_duration_seconds_bucket", joined)
+    assert 'pool="$pool"' in joined
+    pool_var = next(v for v in dashboard["templating"]["list"] if v["name"] == "pool")
+    assert pool_var["query"] == "binance_api"
+    lag_panels = [p for p in all_panels(dashboard)
+                  if any("airflow_ingest_lag_seconds" in t.get("expr", "") for t in p.get("targets", []))]
+    assert any(len(p["fieldConfig"]["defaults"]["thresholds"]["steps"]) >= 2 for p in lag_panels)
+    per_interval = {o["matcher"]["options"] for p in lag_panels for o in p["fieldConfig"]["overrides"]
+                    if any(prop["id"] == "thresholds" for prop in o["properties"])}
+    assert per_interval == set(INTERVALS), "lag thresholds per interval"
