@@ -25,7 +25,7 @@ export AIRFLOW__LOGGING__LOGGING_LEVEL ?= $(or $(LOG_LEVEL),INFO)
 export PYTHONPATH := $(CURDIR):$(CURDIR)/plugins
 export PATH := $(BIN):$(PATH)
 
-.PHONY: venv run demo test bench sandbox airflow-setup clean
+.PHONY: venv run demo seed test bench sandbox airflow-setup clean
 
 venv: $(STAMP)
 
@@ -59,7 +59,22 @@ demo: venv
 	trap 'kill -TERM -- -$$SANDBOX_PID 2>/dev/null; rm -f $(AIRFLOW_HOME)/sandbox.pid' EXIT INT TERM; \
 	for i in $$(seq 1 100); do curl -fsS http://127.0.0.1:$(SANDBOX_PORT)/api/v3/ping > /dev/null 2>&1 && break; sleep 0.2; done; \
 	echo "Binance sandbox on http://127.0.0.1:$(SANDBOX_PORT) (pid $$SANDBOX_PID)"; \
+	AIRFLOW_CONN_BINANCE_DEFAULT='{"conn_type": "http", "host": "http://127.0.0.1:$(SANDBOX_PORT)"}' \
+	  $(MAKE) --no-print-directory seed || exit 1; \
 	$(MAKE) --no-print-directory run BINANCE_HOST=http://127.0.0.1:$(SANDBOX_PORT)
+
+# Recent history of every timeframe (ingested, curated) and the latest daily signal, so the
+# demo shows data at once; the DAGs take over from there. Uses binance_default (make demo: the sandbox).
+SIGNAL_DAY = $(shell date -u -d '-$(RECOMMENDATION_HOUR) hours' +%F)
+RECOMMENDATION_HOUR ?= 12
+seed: venv
+	@mkdir -p data $(AIRFLOW_HOME)
+	@for spec in "1w 730" "1d 120" "4h 20" "1h 10" "30m 3" "15m 3"; do set -- $$spec; \
+	  echo "seed: $$1, last $$2 days"; \
+	  $(BIN)/python -m include.market_data.ingestion $$1 $$(date -u -d "-$$2 days" +%F) now --curate > $(AIRFLOW_HOME)/seed-$$1.log || { cat $(AIRFLOW_HOME)/seed-$$1.log; exit 1; }; \
+	done
+	$(BIN)/python -m include.market_data.signal $(SIGNAL_DAY) > $(AIRFLOW_HOME)/seed-signal.json && \
+	  echo "seed: signal of $(SIGNAL_DAY) in $${SIGNAL_DATA_DIR:-data/signals}/"
 
 sandbox: venv
 	$(BIN)/python -m include.binance_sandbox --port $(SANDBOX_PORT)

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -424,5 +424,36 @@ __all__ = [
     "BinanceRestSource", "DataIngestion", "FetchSummary", "GapSummary", "IngestSummary", "InvalidInput",
     "KlineBatch", "KlineSource", "Window", "WindowNotClosed", "WriteSummary", "check_interval", "check_symbol",
     "emit_ingest_metrics", "fetch_to_staging", "gap_check", "newest_stored_close_ms", "read_staged",
-    "resolve_window", "staging_root", "write_staged", "datetime", "timedelta", "timezone",
+    "resolve_window", "staging_root", "write_staged",
 ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m include.market_data.ingestion 1h 2024-01-01 2024-02-01 [--symbol X] [--curate]``."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Ingest closed klines of [start, end) into raw Parquet.")
+    parser.add_argument("interval", help="one of BINANCE_INTERVALS, e.g. 1h")
+    parser.add_argument("start", help="UTC date or date-time, inclusive (2024-01-31 or 2024-01-31T10:00Z)")
+    parser.add_argument("end", help="UTC date or date-time, exclusive; 'now' for the last closed candle")
+    parser.add_argument("--symbol", default=None, help="default: every symbol of BINANCE_SYMBOLS")
+    parser.add_argument("--curate", action="store_true", help="curate the days written afterwards")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        end = datetime.now(timezone.utc) if args.end == "now" else args.end
+        for symbol in [args.symbol] if args.symbol else list(settings.symbols):
+            summary = DataIngestion(settings).ingest(args.interval, args.start, end, symbol)
+            print(json.dumps({k: v for k, v in summary.as_dict().items() if k != "days_touched"}))
+            if args.curate:
+                from include.market_data.curation import DataCuration
+
+                print(DataCuration(settings).curate_timeframe(args.interval, symbol, args.start, end))
+    except ValueError as exc:  # InvalidInput, ConfigError, CurationError: one line naming the input
+        parser.exit(2, f"error: {exc}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
