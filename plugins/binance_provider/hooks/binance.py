@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import backoff
@@ -265,6 +266,14 @@ def _used_weight(response: Response) -> int | None:
         return int(raw) if raw is not None else None
     except ValueError:
         return None
+
+
+def _server_date_ms(response: Response) -> int:
+    """The response's ``Date`` header in epoch ms (a large value when absent or unreadable)."""
+    try:
+        return int(parsedate_to_datetime(response.headers["Date"]).timestamp()) * 1000
+    except (KeyError, TypeError, ValueError, IndexError):
+        return 2**62
 
 
 def _retry_after_s(response: Response) -> float | None:
@@ -702,13 +711,17 @@ class BinanceHook(HttpHook):
             "endTime": end_ms - 1,  # Binance's endTime is inclusive
             "limit": limit,
         }
-        rows, _, meta = self._call(
+        rows, response, meta = self._call(
             KLINES_ENDPOINT,
             params,
             parse=lambda response: validate_klines(_json_body(response), interval, start_ms, end_ms, limit),
             log_fields={"symbol": symbol, "interval": interval},
         )
-        cutoff = int(time.time() * 1000) if now_ms is None else now_ms
+        if now_ms is None:
+            # "Closed" is the server's call: with our clock ahead of Binance's, a candle Binance
+            # still builds would look closed. The Date header (whole seconds) keeps us on the safe side.
+            now_ms = min(int(time.time() * 1000), _server_date_ms(response))
+        cutoff = now_ms
         closed = [row for row in rows if row[6] < cutoff]
         return KlinePage(
             symbol=symbol,
