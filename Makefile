@@ -61,7 +61,7 @@ demo: venv
 	echo "Binance sandbox on http://127.0.0.1:$(SANDBOX_PORT) (pid $$SANDBOX_PID)"; \
 	AIRFLOW_CONN_BINANCE_DEFAULT='{"conn_type": "http", "host": "http://127.0.0.1:$(SANDBOX_PORT)"}' \
 	  $(MAKE) --no-print-directory seed || exit 1; \
-	$(MAKE) --no-print-directory run BINANCE_HOST=http://127.0.0.1:$(SANDBOX_PORT)
+	AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False $(MAKE) --no-print-directory run BINANCE_HOST=http://127.0.0.1:$(SANDBOX_PORT)
 
 # Recent history of every timeframe (ingested, curated) and the latest daily signal, so the
 # demo shows data at once; the DAGs take over from there. Uses binance_default (make demo: the sandbox).
