@@ -56,3 +56,24 @@ def data_env(tmp_path, monkeypatch, clean_sandbox):
     monkeypatch.setenv("SIGNAL_DATA_DIR", str(tmp_path / "signals"))
     monkeypatch.setenv("AIRFLOW_CONN_BINANCE_DEFAULT", f'{{"conn_type": "http", "host": "{clean_sandbox.url}"}}')
     return tmp_path
+
+
+@pytest.fixture
+def object_store(monkeypatch):
+    """A fresh fsspec ``memory://`` bucket, reachable through Airflow's ObjectStoragePath
+    (standing in for ``s3://``); yields ``(url, filesystem, bucket path)``."""
+    import uuid
+
+    import airflow.sdk.io.fs as airflow_fs
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    registered = airflow_fs._register_filesystems
+    monkeypatch.setattr(airflow_fs, "_register_filesystems",
+                        lambda: {**registered(), "memory": lambda conn_id, options=None: MemoryFileSystem()})
+    bucket = f"/bucket-{uuid.uuid4().hex}"
+    memory = MemoryFileSystem()
+    try:
+        yield f"memory:/{bucket}", memory, bucket
+    finally:
+        if memory.exists(bucket):
+            memory.rm(bucket, recursive=True)

@@ -310,29 +310,16 @@ def test_a_cutoff_in_the_future_is_refused(market):
 # --- object stores ---------------------------------------------------------------------------
 
 
-def test_signal_files_go_to_an_object_store(market, monkeypatch, metrics):
+def test_signal_files_go_to_an_object_store(market, monkeypatch, metrics, object_store):
     """``SIGNAL_DATA_DIR`` as a URL goes through ObjectStoragePath (fsspec's memory:// stands in for s3://)."""
-    import uuid
-
-    import airflow.sdk.io.fs as airflow_fs
-    from fsspec.implementations.memory import MemoryFileSystem
-
-    registered = airflow_fs._register_filesystems
-    monkeypatch.setattr(airflow_fs, "_register_filesystems",
-                        lambda: {**registered(), "memory": lambda conn_id, options=None: MemoryFileSystem()})
-    bucket = f"/signals-{uuid.uuid4().hex}"
-    monkeypatch.setenv("SIGNAL_DATA_DIR", f"memory:/{bucket}")
-    memory = MemoryFileSystem()
-    try:
-        signals = DataSignal()
-        signals.generate(DAY, now=NOW_1)
-        signal = signals.generate(DAY, now=NOW_2)
-        assert json.loads(memory.cat(f"{bucket}/signal_20240301.json")) == signal
-        assert memory.cat(f"{bucket}/signal_20240301.png").startswith(PNG_MAGIC)
-        assert len(signals.read_signals()) == 1
-        assert sorted(p.rsplit("/", 1)[1] for p in memory.ls(bucket, detail=False)) == [
-            "signal_20240301.json", "signal_20240301.png", SIGNALS_TABLE]
-    finally:
-        if memory.exists(bucket):
-            memory.rm(bucket, recursive=True)
+    url, memory, bucket = object_store
+    monkeypatch.setenv("SIGNAL_DATA_DIR", url)
+    signals = DataSignal()
+    signals.generate(DAY, now=NOW_1)
+    signal = signals.generate(DAY, now=NOW_2)
+    assert json.loads(memory.cat(f"{bucket}/signal_20240301.json")) == signal
+    assert memory.cat(f"{bucket}/signal_20240301.png").startswith(PNG_MAGIC)
+    assert len(signals.read_signals()) == 1
+    assert sorted(p.rsplit("/", 1)[1] for p in memory.ls(bucket, detail=False)) == [
+        "signal_20240301.json", "signal_20240301.png", SIGNALS_TABLE]
     assert not (market / "signals").exists()

@@ -139,3 +139,16 @@ def test_kill_9_mid_write_leaves_the_previous_partition_readable(tmp_path):
         table = store.read_day("15m", "BTCUSDT", DAY)
         assert table is not None and table.num_rows in (48, 96)
         assert store.io.quarantined == []
+
+
+def test_partitions_on_an_object_store_round_trip_and_merge(object_store):
+    """RAW_DATA_DIR as a URL (memory:// standing in for s3://) goes through ObjectStoragePath."""
+    url, memory, bucket = object_store
+    store = RawStore(url)
+    rows = make_rows("1h", DAY, 24)
+    store.write("1h", "BTCUSDT", rows_to_table(rows[:12]), PROVENANCE)
+    store.write("1h", "BTCUSDT", rows_to_table(rows[12:]), PROVENANCE)
+    assert memory.ls(f"{bucket}/1h", detail=False) == [f"{bucket}/1h/BTCUSDT_1h_20231209.parquet"]
+    assert table_to_rows(store.read("1h", "BTCUSDT", DAY, DAY + DAY_MS), 8) == rows
+    assert store.metadata("1h", "BTCUSDT", DAY)["symbol"] == "BTCUSDT"
+    assert store.write("1h", "BTCUSDT", rows_to_table(rows), PROVENANCE)[0].added == 0  # idempotent
