@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -211,3 +212,19 @@ def test_now_is_never_past_the_last_closed_candle(airflow_db, data_env, sandbox)
     _run("15m", run_conf={"start": (now - timedelta(hours=2)).isoformat(), "end": now.isoformat()})
     rows = _stored("15m", to_ms("2017-08-17"), to_ms("2100-01-01"))
     assert rows and rows[-1][6] < to_ms(now)
+
+
+def test_backfill_create_plans_one_run_per_candle_of_the_range(airflow_db):
+    """``airflow backfill create`` (dry run) on the serialized DAG: one run per data interval."""
+    import re
+
+    env = {**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags")}
+    for command in (["dags", "reserialize"],
+                    ["backfill", "create", "--dag-id", "binance_klines_1h", "--from-date", "2024-01-01",
+                     "--to-date", "2024-01-01T05:00", "--dry-run"]):
+        result = subprocess.run([sys.executable, "-m", "airflow", *command], env=env, capture_output=True,
+                                text=True, timeout=300, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+    planned = re.findall(r"\| (2024-01-01 \d\d:00:00\+00:00) \|", result.stdout)
+    # logical date = data interval start: runs [00:00, 01:00) ... [05:00, 06:00)
+    assert planned == [f"2024-01-01 {h:02d}:00:00+00:00" for h in range(6)]
