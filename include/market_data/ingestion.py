@@ -8,6 +8,7 @@ shell use (the seed's ``asyncio.run(DataIngestion().ingest_timeframe(...))``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 import time
@@ -170,6 +171,19 @@ def _batch_table(batch: KlineBatch) -> pa.Table:
             .append_column("_decimal_places", pa.array([decimal_places(batch.rows)] * n, pa.int64())))
 
 
+@contextlib.contextmanager
+def _staging_writer(path) -> Iterator[pq.ParquetWriter]:
+    """A Parquet writer of staged rows; a failure part-way leaves no staging file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with path.open("wb") as handle, pq.ParquetWriter(handle, STAGING_SCHEMA, compression="snappy") as writer:
+            yield writer
+    except BaseException:
+        if path.exists():
+            path.unlink()
+        raise
+
+
 @dataclass
 class FetchSummary:
     symbol: str
@@ -189,8 +203,7 @@ def fetch_to_staging(source: KlineSource, symbol: str, window: Window, path) -> 
         return summary
     total_pages = -(-window.slots // 1000)
     started = last_report = time.monotonic()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as handle, pq.ParquetWriter(handle, STAGING_SCHEMA, compression="snappy") as writer:
+    with _staging_writer(path) as writer:
         for batch in source.batches(symbol, window.interval, window.start_ms, window.end_ms):
             summary.pages += 1
             if batch.rows:
@@ -252,8 +265,7 @@ def gap_check(source: KlineSource, store: RawStore, registry: GapRegistry, symbo
     if not refetch:
         return summary
     refetched = []
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as handle, pq.ParquetWriter(handle, STAGING_SCHEMA, compression="snappy") as writer:
+    with _staging_writer(path) as writer:
         for start, end in refetch:
             for batch in source.batches(symbol, interval, start, end):
                 if batch.rows:

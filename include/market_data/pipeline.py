@@ -6,13 +6,17 @@ through XCom) — never kline data.
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 from pathlib import Path
 
+from airflow.sdk.exceptions import AirflowFailException
+from binance_provider.hooks.errors import BinanceAPIError
+
 from include.market_data import observability
-from include.market_data.config import Settings, load_settings
-from include.market_data.curation import DataCuration
+from include.market_data.config import ConfigError, Settings, load_settings
+from include.market_data.curation import CurationError, DataCuration
 from include.market_data.gaps import GapRegistry
 from include.market_data.ingestion import (
     BinanceRestSource, InvalidInput, KlineSource, Window, check_interval, check_symbol, emit_ingest_metrics,
@@ -22,6 +26,25 @@ from include.market_data.storage import RawStore
 from include.market_data.timeframes import floor_to_grid, now_ms, to_ms
 
 log = observability.get_logger(__name__)
+
+
+def fail_fast_on_user_error(task_body):
+    """A wrong input — bad params or config, a symbol Binance does not know — fails the task
+    at once with one message naming it: retrying cannot fix it. Transient trouble (5xx, 429,
+    a ban, a window not closed yet) still raises as is, for Airflow's retries."""
+
+    @functools.wraps(task_body)
+    def wrapper(*args, **kwargs):
+        try:
+            return task_body(*args, **kwargs)
+        except (InvalidInput, ConfigError, CurationError) as exc:
+            raise AirflowFailException(str(exc)) from None
+        except BinanceAPIError as exc:
+            if type(exc) is BinanceAPIError:  # a 4xx other than 429/418: the request is wrong
+                raise AirflowFailException(str(exc)) from None
+            raise
+
+    return wrapper
 
 
 def _run_dir(settings: Settings, interval: str, run_id: str):
@@ -57,6 +80,7 @@ def run_symbols(params: dict | None, settings: Settings) -> list[str]:
     return [check_symbol(s) for s in symbols]
 
 
+@fail_fast_on_user_error
 def fetch(interval: str, data_interval_start, data_interval_end, params: dict | None, run_id: str, *,
           settings: Settings | None = None, source: KlineSource | None = None, now: int | None = None) -> dict:
     """Page the run's window of every symbol into staging files."""
@@ -79,6 +103,7 @@ def fetch(interval: str, data_interval_start, data_interval_end, params: dict | 
             "lookback_days": 0 if manual else settings.gap_check_lookback_days, "symbols": staged}
 
 
+@fail_fast_on_user_error
 def check_gaps(fetched: dict, *, settings: Settings | None = None, source: KlineSource | None = None,
                now: int | None = None) -> dict:
     """Refetch holes in the window and the lookback; record what Binance really lacks."""
@@ -109,6 +134,7 @@ def check_gaps(fetched: dict, *, settings: Settings | None = None, source: Kline
     return result
 
 
+@fail_fast_on_user_error
 def write_raw(checked: dict, *, settings: Settings | None = None, now: int | None = None) -> dict:
     """Merge the staged rows into the day partitions; drop the staging files."""
     settings = settings or load_settings()
@@ -132,6 +158,7 @@ def write_raw(checked: dict, *, settings: Settings | None = None, now: int | Non
     return result
 
 
+@fail_fast_on_user_error
 def curate(written: dict, *, settings: Settings | None = None) -> dict:
     """Recompute the curated days this run touched (and the days whose warm-up changed)."""
     settings = settings or load_settings()

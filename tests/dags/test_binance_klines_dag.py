@@ -194,16 +194,22 @@ def test_a_manual_run_over_an_outage_records_the_gap_and_fills_the_rest(airflow_
     assert curated.column("gap_before").to_pylist() == [2]
 
 
-def test_a_manual_run_with_a_bad_window_fails_without_writing(airflow_db, data_env, sandbox):
-    from airflow.utils.state import DagRunState
+@pytest.mark.parametrize("conf, message", [
+    ({"start": "2024-03-02", "end": "2024-03-01"}, "start=2024-03-02"),
+    ({"start": "2016-01-01", "end": "2016-02-01"}, "INGEST_START"),
+    ({"start": "2024-03-01", "end": "2024-03-02", "symbols": ["NOSUCHCOIN"]}, "Invalid symbol"),
+])
+def test_a_manual_run_with_bad_input_fails_at_once_without_writing(airflow_db, data_env, sandbox, conf, message,
+                                                                     caplog):
+    from airflow.utils.state import DagRunState, TaskInstanceState
 
-    dag = _bag().dags["binance_klines_1h"]
-    for task in dag.tasks:
-        task.retries = 0
-    run = dag.test(run_conf={"start": "2024-03-02", "end": "2024-03-01"})
+    dag = _bag().dags["binance_klines_1h"]  # retries as configured: a user error must not be retried
+    run = dag.test(run_conf=conf)
     assert run.state == DagRunState.FAILED
-    assert not list((data_env / "raw").rglob("*.parquet")) if (data_env / "raw").exists() else True
-    assert sandbox.stats()["by_endpoint"].get("/api/v3/klines", 0) == 0
+    (fetch,) = [ti for ti in run.get_task_instances() if ti.task_id == "fetch"]
+    assert fetch.state == TaskInstanceState.FAILED and fetch.try_number == 1
+    assert not list((data_env / "raw").rglob("*.parquet"))
+    assert sandbox.stats()["by_endpoint"].get("/api/v3/klines", 0) == (1 if "symbols" in conf else 0)
 
 
 def test_now_is_never_past_the_last_closed_candle(airflow_db, data_env, sandbox):
