@@ -9,6 +9,7 @@ contains the touched rows are recomputed too.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import time
 from dataclasses import dataclass, field
@@ -140,14 +141,20 @@ class DataCuration:
         started = time.monotonic()
         summary = CurationSummary(interval, symbol)
         available = self.raw.days(interval, symbol)
+        available_set = set(available)
         wanted = sorted({day_start_ms(d) for d in days})
         for day in wanted:
-            if day not in available:
+            if day not in available_set:
                 summary.skipped[ms_to_utc(day).date().isoformat()] = "no raw partition"
-        targets = [d for d in wanted if d in available]
+        targets = [d for d in wanted if d in available_set]
         if targets and follow_warmup:
-            horizon = targets[-1] + DAY_MS + WARMUP_CANDLES[interval] * interval_ms(interval)
-            targets = sorted(set(targets) | {d for d in available if targets[-1] < d < horizon})
+            # every touched day (not only the last) reaches the days whose warm-up holds it
+            reach = DAY_MS + WARMUP_CANDLES[interval] * interval_ms(interval)
+            followed = set(targets)
+            for touched in targets:
+                followed.update(available[bisect.bisect_right(available, touched):
+                                          bisect.bisect_left(available, touched + reach)])
+            targets = sorted(followed)
         if targets:
             self._curate_span(interval, symbol, targets, available, summary)
         summary.seconds = round(time.monotonic() - started, 3)
@@ -205,19 +212,22 @@ class DataCuration:
             values = features[name].to_numpy()
             columns[name] = pa.array(values, pa.int64() if name == "gap_before" else pa.float64(),
                                      from_pandas=True)
+        if not target_set & present:
+            return  # every target day was unreadable (quarantined): nothing to write
         curated = pa.Table.from_pydict(columns, schema=CURATED_SCHEMA)
         targeted = curated.filter(pa.array(np.isin(row_days, sorted(target_set & present))))
         validate_curated(targeted, interval)  # once for the stretch; merges re-check only shared days
         metadata = {"symbol": symbol, "source": str(self.raw.root), "curated_at": ms_to_utc(int(time.time() * 1000)).isoformat()}
         for day in sorted(target_set & present):
-            mask = row_days == day
-            rows = curated.filter(pa.array(mask))
+            # rows are sorted by open_time, so each day is one contiguous slice
+            lo, hi = np.searchsorted(row_days, [day, day + DAY_MS])
+            rows = curated.slice(int(lo), int(hi - lo))
             self.curated.write_day(interval, symbol, day, rows, metadata,
                                    validate=lambda merged: validate_curated(merged, interval),
                                    new_validated=True)
             summary.days_written.append(ms_to_utc(day).date().isoformat())
             summary.rows += rows.num_rows
-            first, last = times[mask][0], times[mask][-1]
+            first, last = times[lo], times[hi - 1]
             if summary.first_open_time is None:
                 summary.first_open_time = ms_to_utc(int(first)).isoformat()
             summary.last_open_time = ms_to_utc(int(last)).isoformat()

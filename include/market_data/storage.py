@@ -22,6 +22,7 @@ from typing import BinaryIO, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
 from include.market_data import observability
@@ -174,8 +175,8 @@ class PartitionIO:
                 new = new.cast(existing.schema)
                 merged = pa.concat_tables([kept, new])
                 unchanged = old.equals(new)
-                revised = _count_revised(old, new, sort_keys)
-            merged = merged.sort_by(sort_keys)
+                revised = 0 if unchanged else _count_revised(old, new, sort_keys)
+                merged = merged.sort_by(sort_keys)  # ``new`` alone is sorted already
             if kept_rows or not new_validated:
                 validate(merged)
             rows_before = 0 if existing is None else existing.num_rows
@@ -250,6 +251,12 @@ class RawStore:
 
     def read_days(self, interval: str, symbol: str, days: list[int]) -> pa.Table:
         """Every row of the given day partitions, concatenated in day order (absent days skipped)."""
+        paths = [p for p in (self.path(interval, symbol, d) for d in sorted(days)) if p.exists()]
+        if _is_local(self.root) and len(paths) > 1:
+            try:  # one multi-threaded scan; an unreadable file falls back to per-file reads, which quarantine
+                return pds.dataset([str(p) for p in paths], format="parquet", schema=RAW_SCHEMA).to_table()
+            except (pa.ArrowException, OSError, ValueError):
+                pass
         parts = []
         for day in days:
             table = self.read_day(interval, symbol, day)
