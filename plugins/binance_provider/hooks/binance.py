@@ -7,6 +7,7 @@ the rows is the caller's business.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -348,6 +349,8 @@ class BinanceHook(HttpHook):
             raise ValueError(f"timeout_s={timeout_s} must be > 0")
         self.binance_conn_id = binance_conn_id
         self.settings = settings if settings is not None else load_settings()
+        # One info line per request, unless LOG_LEVEL asks for less (failures always log).
+        self._log_requests = logging.getLevelName(self.settings.log_level) <= logging.INFO
         self.timeout_s = timeout_s
         self.max_tries = max_tries
         self.max_time_s = max_time_s
@@ -611,7 +614,8 @@ class BinanceHook(HttpHook):
             **fields,
         )
         if error is None:
-            self.log.info("binance request", **line)
+            if self._log_requests:
+                self.log.info("binance request", **line)
         else:
             self.log.warning("binance request failed", error=error[:300], **line)
         return latency_ms
