@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-limit", type=int, default=6000)
     parser.add_argument("--window-s", type=float, default=60.0)
     parser.add_argument("--ban-s", type=float, default=120.0)
+    parser.add_argument("--cache-days", type=int, default=384,
+                        help="days of synthetic 1m data kept in memory (~104 kB each)")
     faults = parser.add_argument_group("faults (also settable at runtime: POST /sandbox/faults)")
     faults.add_argument("--latency-ms", type=float)
     faults.add_argument("--jitter-ms", type=float)
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
             symbols=tuple(s.strip().upper() for s in args.symbols.split(",") if s.strip()),
             replay=args.replay, weight_limit=args.weight_limit, window_s=args.window_s,
             ban_s=args.ban_s, now_ms=args.now, faults=faults, fault_seed=args.fault_seed,
-            verbose=args.verbose,
+            verbose=args.verbose, cache_days=args.cache_days,
         )
     except (FaultError, ValueError, OSError) as exc:
         print(f"binance sandbox: {exc}", file=sys.stderr)

@@ -172,14 +172,17 @@ def format_row(open_ms: int, close_ms: int, agg: Aggregate) -> list:
 class SyntheticMarket:
     """Seeded BTC-like markets for the given symbols, from 2017-08-17 04:00 UTC up to now."""
 
-    def __init__(self, seed: int = 42, symbols=("BTCUSDT", "ETHUSDT"), now_ms: int | None = None):
+    def __init__(self, seed: int = 42, symbols=("BTCUSDT", "ETHUSDT"), now_ms: int | None = None,
+                 cache_days: int = 384):
         self.seed = seed
         self.symbols = tuple(symbols)
         self.profiles: dict[str, SymbolProfile] = {s: profile_for(s) for s in self.symbols}
         self.fixed_now_ms = now_ms
         self._paths: dict[str, syn.DailyPath] = {}
         self._paths_lock = threading.Lock()
-        self._minutes = _LRU(maxsize=384)
+        # One (9, 1440) int64 array per day, ~104 kB: 384 days ~ 40 MB; a full-history backfill
+        # of a sub-day interval touches ~3400 days, so benchmarks raise it (--cache-days 4000).
+        self._minutes = _LRU(maxsize=cache_days)
         self._day_totals = _LRU(maxsize=100_000)
 
     # -- clock and existence -------------------------------------------------------------

@@ -216,6 +216,7 @@ class SandboxServer:
         faults: dict | None = None,
         fault_seed: int = 0,
         verbose: bool = False,
+        cache_days: int = 384,
     ):
         self.host, self.port = host, port
         self.verbose = verbose
@@ -224,7 +225,8 @@ class SandboxServer:
 
             self.market = ReplayMarket.load(replay, now_ms=now_ms)
         else:
-            self.market = SyntheticMarket(seed=seed, symbols=tuple(s.upper() for s in symbols), now_ms=now_ms)
+            self.market = SyntheticMarket(seed=seed, symbols=tuple(s.upper() for s in symbols), now_ms=now_ms,
+                                          cache_days=cache_days)
         self._limiter = WeightLimiter(weight_limit, window_s, ban_s)
         self._faults = FaultInjector(faults, seed=fault_seed)
         self._api = BinanceApi(self.market, self._limiter, self._faults)

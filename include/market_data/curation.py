@@ -105,6 +105,21 @@ def _to_frame(table: pa.Table) -> pd.DataFrame:
     return pd.DataFrame(frame)
 
 
+# Above this many days of span, one directory listing is cheaper than a stat per day.
+PROBE_MAX_DAYS = 1000
+
+
+class _Probed(list):
+    """Partitions found by probing a span of days: complete inside that span only."""
+
+
+def _warmup_days(interval: str) -> tuple[int, int, int]:
+    """(warm-up candles, most candles per day file, day files the warm-up reads first)."""
+    needed = WARMUP_CANDLES[interval]
+    per_day = max(1, DAY_MS // interval_ms(interval))
+    return needed, per_day, -(-needed // per_day) + 1
+
+
 class DataCuration:
     """Build curated day files from raw partitions; usable from a plain shell or a task.
 
@@ -140,9 +155,9 @@ class DataCuration:
         self._check(interval, symbol)
         started = time.monotonic()
         summary = CurationSummary(interval, symbol)
-        available = self.raw.days(interval, symbol)
-        available_set = set(available)
         wanted = sorted({day_start_ms(d) for d in days})
+        available = self._available_near(interval, symbol, wanted, follow_warmup)
+        available_set = set(available)
         for day in wanted:
             if day not in available_set:
                 summary.skipped[ms_to_utc(day).date().isoformat()] = "no raw partition"
@@ -165,6 +180,20 @@ class DataCuration:
                  status="ok")
         return summary
 
+    def _available_near(self, interval: str, symbol: str, wanted: list[int], follow_warmup: bool) -> list[int]:
+        """Raw partitions curating ``wanted`` can touch: from the warm-up before the first day to the
+        reach after the last. Probed day by day when that span is short (a scheduled run: ~10 stat
+        calls instead of listing every partition of the history), else listed."""
+        if not wanted:
+            return []
+        _, _, take = _warmup_days(interval)
+        reach = DAY_MS + WARMUP_CANDLES[interval] * interval_ms(interval)
+        first = wanted[0] - (take + 1) * DAY_MS
+        last = wanted[-1] + (reach if follow_warmup else DAY_MS)
+        if (last - first) // DAY_MS > PROBE_MAX_DAYS:
+            return self.raw.days(interval, symbol)
+        return _Probed(self.raw.existing_days(interval, symbol, range(first, last, DAY_MS)))
+
     def _check(self, interval: str, symbol: str) -> None:
         if interval not in self.settings.intervals:
             raise CurationError(f"interval={interval!r} is not one of the configured intervals "
@@ -175,12 +204,13 @@ class DataCuration:
     def _read_with_warmup(self, interval: str, symbol: str, first_target: int, last_target: int,
                           available: list[int]) -> tuple[pa.Table, bool]:
         """Raw rows from far enough before ``first_target`` to hold the warm-up, to ``last_target``'s end."""
-        needed = WARMUP_CANDLES[interval]
+        needed, per_day, take = _warmup_days(interval)
         before = [d for d in available if d < first_target]
+        if isinstance(available, _Probed) and len(before) <= take:
+            # The probed days do not settle the warm-up (a hole, or history starts here): list them all.
+            before = [d for d in self.raw.days(interval, symbol) if d < first_target]
         # Rows per day are at most DAY_MS / interval (1w: one per week file); walk back until
         # the warm-up is covered or history begins.
-        per_day = max(1, DAY_MS // interval_ms(interval))
-        take = -(-needed // per_day) + 1
         while True:
             chosen = before[-take:] if take < len(before) else before
             warm = self.raw.read_days(interval, symbol, chosen)

@@ -88,6 +88,8 @@ class GapRegistry:
 
     def to_refetch(self, ranges: list[tuple[int, int]], now_ms: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Split missing ``ranges`` into (refetch now, known gap not yet due for a re-check)."""
+        if not ranges:  # the usual scheduled run: no hole, so no need to read the registry
+            return [], []
         known = self.load()
         refetch, skipped = [], []
         for start, end in ranges:

@@ -28,7 +28,7 @@ from include.market_data.gaps import GapRegistry, missing_ranges, slot_count
 from include.market_data.schema import RAW_COLUMNS, RAW_SCHEMA, decimal_places, rows_to_table, validate_raw
 from include.market_data.storage import RawStore, resolve_root
 from include.market_data.timeframes import (
-    DAY_MS, ceil_to_grid, closed_end, interval_ms, ms_to_utc, now_ms, to_ms,
+    DAY_MS, ceil_to_grid, closed_end, day_start_ms, interval_ms, ms_to_utc, now_ms, to_ms,
 )
 
 log = observability.get_logger(__name__)
@@ -335,8 +335,16 @@ def write_staged(store: RawStore, symbol: str, interval: str, staged: list[str])
     return summary
 
 
-def newest_stored_close_ms(store: RawStore, symbol: str, interval: str) -> int | None:
-    for day in reversed(store.days(interval, symbol)):
+def newest_stored_close_ms(store: RawStore, symbol: str, interval: str, *, since_day_ms: int | None = None,
+                           now: int | None = None) -> int | None:
+    """Close time of the newest stored candle. ``since_day_ms``: a day known to hold candles (one this
+    run wrote): only the days from today back to it are probed, instead of listing every partition."""
+    if since_day_ms is not None:
+        today = day_start_ms(now_ms() if now is None else now)
+        days = store.existing_days(interval, symbol, range(today, since_day_ms - 1, -DAY_MS))
+    else:
+        days = reversed(store.days(interval, symbol))
+    for day in days:
         table = store.read_day(interval, symbol, day, columns=["close_time"])
         if table is not None and table.num_rows:
             return int(pc.max(pc.cast(table.column("close_time"), pa.int64())).as_py())

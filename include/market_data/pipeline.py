@@ -145,7 +145,8 @@ def write_raw(checked: dict, *, settings: Settings | None = None, now: int | Non
         symbol = item["symbol"]
         staged = [p for p in (item.get("path"), item.get("refetch_path")) if p]
         summary = write_staged(store, symbol, interval, staged)
-        emit_ingest_metrics(interval, newest_close_ms=newest_stored_close_ms(store, symbol, interval), now=now)
+        newest = newest_stored_close_ms(store, symbol, interval, since_day_ms=max(summary.days, default=None), now=now)
+        emit_ingest_metrics(interval, newest_close_ms=newest, now=now)
         log.info("write done", interval=interval, symbol=symbol, days=len(summary.days),
                  rows_added=summary.rows_added, rows_revised=summary.rows_revised, status="ok")
         result["symbols"].append({"symbol": symbol, "days": summary.days, "rows_added": summary.rows_added,
