@@ -156,22 +156,25 @@ class DataCuration:
         started = time.monotonic()
         summary = CurationSummary(interval, symbol)
         wanted = sorted({day_start_ms(d) for d in days})
-        available = self._available_near(interval, symbol, wanted, follow_warmup)
-        available_set = set(available)
-        for day in wanted:
-            if day not in available_set:
-                summary.skipped[ms_to_utc(day).date().isoformat()] = "no raw partition"
-        targets = [d for d in wanted if d in available_set]
-        if targets and follow_warmup:
-            # every touched day (not only the last) reaches the days whose warm-up holds it
-            reach = DAY_MS + WARMUP_CANDLES[interval] * interval_ms(interval)
-            followed = set(targets)
-            for touched in targets:
-                followed.update(available[bisect.bisect_right(available, touched):
-                                          bisect.bisect_left(available, touched + reach)])
-            targets = sorted(followed)
-        if targets:
-            self._curate_span(interval, symbol, targets, available, summary)
+        # Read raw -> compute -> write is one critical section per (interval, symbol): a slower
+        # run that read older raw must not overwrite a newer run's result.
+        with self.curated.io.lock(self.curated.root / f"{interval}_{symbol}.curate"):
+            available = self._available_near(interval, symbol, wanted, follow_warmup)
+            available_set = set(available)
+            for day in wanted:
+                if day not in available_set:
+                    summary.skipped[ms_to_utc(day).date().isoformat()] = "no raw partition"
+            targets = [d for d in wanted if d in available_set]
+            if targets and follow_warmup:
+                # every touched day (not only the last) reaches the days whose warm-up holds it
+                reach = DAY_MS + WARMUP_CANDLES[interval] * interval_ms(interval)
+                followed = set(targets)
+                for touched in targets:
+                    followed.update(available[bisect.bisect_right(available, touched):
+                                              bisect.bisect_left(available, touched + reach)])
+                targets = sorted(followed)
+            if targets:
+                self._curate_span(interval, symbol, targets, available, summary)
         summary.seconds = round(time.monotonic() - started, 3)
         observability.incr(f"curate.{interval}.rows", summary.rows)
         observability.timing(f"curate.{interval}.duration", summary.seconds * 1000)

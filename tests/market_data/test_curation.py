@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from include.market_data.config import Settings
+from include.market_data.config import Settings, load_settings
 from include.market_data.curation import CurationError, DataCuration
 from include.market_data.features import FEATURE_COLUMNS
 from include.market_data.ingestion import DataIngestion
@@ -546,3 +546,41 @@ def test_summary_prints_days_and_rows_from_a_plain_shell(data_env, monkeypatch, 
     assert window.as_dict()["rows"] == 48
     empty = DataCuration().curate_timeframe("1h", start="2023-01-01", end="2023-02-01")
     assert "0 day(s), 0 rows, no rows" in str(empty)
+
+
+def test_a_slow_curate_never_overwrites_a_newer_one_with_older_raw(tmp_path, monkeypatch):
+    """Run A reads 6 raw candles and is slow to write; run B adds a 7th and curates. B must wait
+    for A (one critical section per interval and symbol), so the day ends with all 7."""
+    import threading
+
+    from tests.market_data.klines import make_rows
+
+    settings = load_settings({"RAW_DATA_DIR": str(tmp_path / "raw"), "CURATED_DATA_DIR": str(tmp_path / "cur")})
+    raw = RawStore(settings.raw_data_dir)
+    day = to_ms("2024-03-01")
+    rows = make_rows("1h", day, 7)
+    raw.write("1h", "BTCUSDT", rows_to_table(rows[:6]), {"source": "test"})
+
+    write_day = CuratedStore.write_day
+    a_is_writing, release_a = threading.Event(), threading.Event()
+
+    def slow_for_a(self, *args, **kwargs):
+        if threading.current_thread().name == "A":
+            a_is_writing.set()
+            release_a.wait(timeout=30)
+        return write_day(self, *args, **kwargs)
+
+    monkeypatch.setattr(CuratedStore, "write_day", slow_for_a)
+    run_a = threading.Thread(target=lambda: DataCuration(settings).curate_days("1h", "BTCUSDT", [day]), name="A")
+    run_a.start()
+    assert a_is_writing.wait(timeout=30)
+    raw.write("1h", "BTCUSDT", rows_to_table(rows[6:]), {"source": "test"})
+    run_b = threading.Thread(target=lambda: DataCuration(settings).curate_days("1h", "BTCUSDT", [day]), name="B")
+    run_b.start()
+    run_b.join(timeout=1)
+    assert run_b.is_alive()  # B waits for A's critical section
+    release_a.set()
+    run_a.join(timeout=30)
+    run_b.join(timeout=30)
+    curated = CuratedStore(settings.curated_data_dir).read("1h", day, day + DAY_MS)
+    assert curated.num_rows == 7
