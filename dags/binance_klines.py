@@ -64,8 +64,8 @@ def build_dag(interval: str):
             "end": Param(None, type=["null", "string"], pattern=ISO_TIME_PATTERN, title="end (UTC)",
                          description="Manual window end, exclusive; clipped to the last closed candle."),
             "symbols": Param(list(SETTINGS.symbols), type="array", minItems=1, uniqueItems=True,
-                             items={"type": "string", "pattern": SYMBOL_PATTERN}, title="symbols",
-                             description="Binance spot symbols, e.g. BTCUSDT"),
+                             items={"type": "string", "pattern": SYMBOL_PATTERN, "enum": list(SETTINGS.symbols)},
+                             title="symbols", description="Symbols to ingest (of BINANCE_SYMBOLS)"),
         },
         doc_md=__doc__,
     )

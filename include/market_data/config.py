@@ -12,12 +12,18 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Mapping
 
-from include.market_data.timeframes import BINANCE_INTERVALS_MS, PIPELINE_INTERVALS
+from binance_provider.hooks.intervals import BINANCE_INTERVALS_MS
+
+# The six timeframes this pipeline ingests and curates.
+PIPELINE_INTERVALS: tuple[str, ...] = ("15m", "30m", "1h", "4h", "1d", "1w")
 
 SYMBOL_PATTERN = r"^[A-Z0-9]{5,20}$"
 _SYMBOL_RE = re.compile(SYMBOL_PATTERN)
 DEFAULT_BINANCE_HOST = "https://data-api.binance.vision"
 BINANCE_CONN_ID = "binance_default"
+# Weight of the heaviest request the pipeline sends (/api/v3/exchangeInfo); a smaller budget
+# could never send it.
+MAX_REQUEST_WEIGHT = 20
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -146,7 +152,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,256}", pool):
         raise ConfigError(f"BINANCE_POOL={pool!r} is not a valid pool name")
 
-    return Settings(
+    settings = Settings(
         symbols=symbols,
         intervals=intervals,
         rate_limit_weight=_int(env, "BINANCE_RATE_LIMIT_WEIGHT", 6000, 1),
@@ -165,3 +171,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         recommendation_minute=int(match[2]),
         log_level=log_level,
     )
+    if settings.rate_limit_budget < MAX_REQUEST_WEIGHT:
+        raise ConfigError(
+            f"BINANCE_RATE_LIMIT_WEIGHT x BINANCE_RATE_LIMIT_SAFETY = {settings.rate_limit_budget} is below "
+            f"{MAX_REQUEST_WEIGHT}, the weight of the heaviest request the pipeline sends (exchangeInfo)"
+        )
+    return settings

@@ -28,7 +28,7 @@ from include.market_data.gaps import GapRegistry, missing_ranges, slot_count
 from include.market_data.schema import RAW_COLUMNS, RAW_SCHEMA, decimal_places, rows_to_table, validate_raw
 from include.market_data.storage import RawStore, resolve_root
 from include.market_data.timeframes import (
-    DAY_MS, ceil_to_grid, closed_end, day_start_ms, interval_ms, ms_to_utc, now_ms, to_ms,
+    DAY_MS, ceil_to_grid, closed_end, day_start_ms, floor_to_grid, interval_ms, ms_to_utc, now_ms, to_ms,
 )
 
 log = observability.get_logger(__name__)
@@ -139,7 +139,7 @@ def resolve_window(interval: str, start, end, *, settings: Settings, now: int | 
     start_ms, end_ms = _parse_time(start, "start"), _parse_time(end, "end")
     if start_ms >= end_ms:
         raise InvalidInput(f"start={ms_to_utc(start_ms).isoformat()} must be before end={ms_to_utc(end_ms).isoformat()}")
-    if start_ms < settings.ingest_start_ms:
+    if start_ms < floor_to_grid(settings.ingest_start_ms, interval):  # 1w: the week holding INGEST_START
         raise InvalidInput(f"start={ms_to_utc(start_ms).isoformat()} is before INGEST_START="
                            f"{settings.ingest_start.isoformat()}")
     if end_ms > now and not require_closed:
@@ -245,18 +245,35 @@ class GapSummary:
 
 
 def gap_check(source: KlineSource, store: RawStore, registry: GapRegistry, symbol: str, window: Window,
-              staged: list[str], *, lookback_days: int, floor_ms: int, now: int, path) -> GapSummary:
-    """Find missing slots in ``window`` plus the lookback, refetch them, record Binance's holes."""
+              staged: list[str], *, lookback_days: int, floor_ms: int, now: int, path,
+              history_start_ms: int | None = None) -> GapSummary:
+    """Find missing slots in ``window`` plus the lookback, refetch them, record Binance's holes.
+
+    ``floor_ms``: nothing before it is checked. ``history_start_ms``: where history may begin
+    (the grid slot of INGEST_START); empty slots from there up to the first candle precede the
+    symbol's listing and are no gap.
+    """
     interval = window.interval
     checked_end = window.end_ms
-    checked_start = max(floor_ms, min(window.start_ms, checked_end - lookback_days * DAY_MS))
-    checked_start = ceil_to_grid(checked_start, interval)
+    checked_start = min(window.start_ms, checked_end - lookback_days * DAY_MS)
+    if lookback_days:
+        # Airflow down for longer than the lookback (catchup is off): resume from the newest
+        # stored candle, or those candles would never be fetched.
+        newest = newest_stored_close_ms(store, symbol, interval)
+        if newest is not None:
+            checked_start = min(checked_start, newest + 1)
+    checked_start = ceil_to_grid(max(floor_ms, checked_start), interval)
     summary = GapSummary(symbol, interval, checked_start, checked_end, path=None)
     if checked_end <= checked_start:
         return summary
     staged_times = pc.cast(read_staged(staged).column("open_time"), pa.int64()).to_numpy()
     stored_times = store.open_times(interval, symbol, checked_start, checked_end)
-    holes = missing_ranges(np.concatenate([staged_times, stored_times]), checked_start, checked_end, interval)
+    present = np.concatenate([staged_times, stored_times])
+    if history_start_ms is not None and checked_start <= history_start_ms and present.size:
+        # Slots before the symbol's first candle on Binance are not a gap (BTCUSDT opens 04:00 on
+        # INGEST_START's day).
+        checked_start = summary.checked_start_ms = max(checked_start, int(present.min()))
+    holes = missing_ranges(present, checked_start, checked_end, interval)
     summary.gaps_found = slot_count(holes, interval)
     summary.gaps_filled = registry.resolve(holes, checked_start, checked_end)
     refetch, skipped = registry.to_refetch(holes, now)
@@ -419,6 +436,7 @@ class DataIngestion:
             staged = [p for p in [fetched.path] if p]
             gaps = gap_check(self.source, self.store, GapRegistry(self.settings.raw_data_dir, symbol, interval),
                              symbol, window, staged, lookback_days=0, floor_ms=window.start_ms, now=now,
+                             history_start_ms=floor_to_grid(self.settings.ingest_start_ms, interval),
                              path=staging / "refetch.parquet")
             staged += [p for p in [gaps.path] if p]
             written = write_staged(self.store, symbol, interval, staged)

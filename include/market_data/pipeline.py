@@ -77,7 +77,11 @@ def run_symbols(params: dict | None, settings: Settings) -> list[str]:
     symbols = (params or {}).get("symbols") or list(settings.symbols)
     if isinstance(symbols, str):
         symbols = [s.strip() for s in symbols.split(",") if s.strip()]
-    return [check_symbol(s) for s in symbols]
+    symbols = [check_symbol(s) for s in symbols]
+    unknown = [s for s in symbols if s not in settings.symbols]
+    if unknown:  # curation (and the signal) only know the configured symbols
+        raise InvalidInput(f"symbols {unknown} are not in BINANCE_SYMBOLS ({','.join(settings.symbols)})")
+    return symbols
 
 
 @fail_fast_on_user_error
@@ -119,7 +123,8 @@ def check_gaps(fetched: dict, *, settings: Settings | None = None, source: Kline
         summary = gap_check(
             source, store, GapRegistry(settings.raw_data_dir, symbol, interval), symbol, window,
             [item["path"]] if item["path"] else [], lookback_days=fetched["lookback_days"],
-            floor_ms=settings.ingest_start_ms, now=now,
+            floor_ms=floor_to_grid(settings.ingest_start_ms, interval), now=now,
+            history_start_ms=floor_to_grid(settings.ingest_start_ms, interval),
             path=_run_dir(settings, interval, fetched["run_id"]) / f"{symbol}_refetch.parquet",
         )
         emit_ingest_metrics(interval, gaps=summary)

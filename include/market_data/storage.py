@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from include.market_data import observability
 from include.market_data.schema import RAW_SCHEMA, SCHEMA_VERSION, validate_raw
-from include.market_data.timeframes import DAY_MS, day_key, day_start_ms, ms_to_utc
+from include.market_data.timeframes import DAY_MS, day_key, day_start_ms
 
 log = observability.get_logger(__name__)
 
@@ -367,7 +367,3 @@ class CuratedStore:
             validate=validate,
             new_validated=new_validated,
         )
-
-
-def describe_day(day_ms: int) -> str:
-    return ms_to_utc(day_ms).date().isoformat()

@@ -20,9 +20,7 @@ from binance_provider.hooks.intervals import (  # noqa: F401 - re-exported: Bina
     floor_to_grid,
     interval_ms,
 )
-
-# The six timeframes this pipeline ingests and curates.
-PIPELINE_INTERVALS: tuple[str, ...] = ("15m", "30m", "1h", "4h", "1d", "1w")
+from include.market_data.config import PIPELINE_INTERVALS  # noqa: F401 - re-exported
 
 
 def ceil_to_grid(ts_ms: int, interval: str) -> int:
@@ -34,11 +32,6 @@ def ceil_to_grid(ts_ms: int, interval: str) -> int:
 def grid(start_ms: int, end_ms: int, interval: str) -> range:
     """Every grid open time in ``[start_ms, end_ms)``."""
     return range(ceil_to_grid(start_ms, interval), end_ms, interval_ms(interval))
-
-
-def last_closed_open_time(now_ms: int, interval: str) -> int:
-    """Open time of the newest candle whose ``close_time`` has passed at ``now_ms``."""
-    return floor_to_grid(now_ms, interval) - interval_ms(interval)
 
 
 def closed_end(now_ms: int, interval: str) -> int:
@@ -91,13 +84,6 @@ def ms_to_utc(ts_ms: int) -> datetime:
 
 def day_start_ms(ts_ms: int) -> int:
     return ts_ms // DAY_MS * DAY_MS
-
-
-def days_in_window(start_ms: int, end_ms: int) -> list[int]:
-    """Start (ms) of each UTC day that holds an open time in ``[start_ms, end_ms)``."""
-    if end_ms <= start_ms:
-        return []
-    return list(range(day_start_ms(start_ms), end_ms, DAY_MS))
 
 
 def day_key(day_ms: int) -> str:

@@ -65,7 +65,8 @@ def test_one_dag_per_interval_with_schedule_pool_params_and_tags():
 @pytest.mark.parametrize("params, ok", [
     ({}, True),
     ({"start": "2024-03-01", "end": "2024-03-02T12:00Z"}, True),
-    ({"symbols": ["BTCUSDT", "ETHUSDT"]}, True),
+    ({"symbols": ["BTCUSDT"]}, True),
+    ({"symbols": ["ETHUSDT"]}, False),  # not in BINANCE_SYMBOLS: curation would not know it
     ({"symbols": ["btcusdt"]}, False),
     ({"symbols": ["../../etc"]}, False),
     ({"symbols": []}, False),
@@ -195,19 +196,22 @@ def test_a_manual_run_over_an_outage_records_the_gap_and_fills_the_rest(airflow_
 
 
 @pytest.mark.parametrize("conf, message", [
-    ({"start": "2024-03-02", "end": "2024-03-01"}, "start=2024-03-02"),
-    ({"start": "2016-01-01", "end": "2016-02-01"}, "INGEST_START"),
-    ({"start": "2024-03-01", "end": "2024-03-02", "symbols": ["NOSUCHCOIN"]}, "Invalid symbol"),
+    ({"start": "2024-03-02", "end": "2024-03-01"}, "start=2024-03-02T00:00:00+00:00 must be before end"),
+    ({"start": "2016-01-01", "end": "2016-02-01"}, "start=2016-01-01T00:00:00+00:00 is before INGEST_START"),
+    # configured, but Binance does not know it: -1121 is the caller's error, never retried
+    ({"start": "2024-03-01", "end": "2024-03-02", "symbols": ["NOSUCHCOIN"]}, "Binance /api/v3/klines answered 400: code -1121: Invalid symbol."),
 ])
 def test_a_manual_run_with_bad_input_fails_at_once_without_writing(airflow_db, data_env, sandbox, conf, message,
-                                                                     caplog):
+                                                                     monkeypatch, capsys):
     from airflow.utils.state import DagRunState, TaskInstanceState
 
+    monkeypatch.setenv("BINANCE_SYMBOLS", "BTCUSDT,NOSUCHCOIN")
     dag = _bag().dags["binance_klines_1h"]  # retries as configured: a user error must not be retried
     run = dag.test(run_conf=conf)
     assert run.state == DagRunState.FAILED
     (fetch,) = [ti for ti in run.get_task_instances() if ti.task_id == "fetch"]
     assert fetch.state == TaskInstanceState.FAILED and fetch.try_number == 1
+    assert f"AirflowFailException: {message}" in capsys.readouterr().out  # one line naming the input
     assert not list((data_env / "raw").rglob("*.parquet"))
     assert sandbox.stats()["by_endpoint"].get("/api/v3/klines", 0) == (1 if "symbols" in conf else 0)
 
@@ -220,8 +224,11 @@ def test_now_is_never_past_the_last_closed_candle(airflow_db, data_env, sandbox)
     assert rows and rows[-1][6] < to_ms(now)
 
 
-def test_backfill_create_plans_one_run_per_candle_of_the_range(airflow_db):
-    """``airflow backfill create`` (dry run) on the serialized DAG: one run per data interval."""
+def test_backfill_create_plans_one_run_per_candle_of_the_range(airflow_db, data_env):
+    """``airflow backfill create`` (dry run) on the serialized DAG: one run per data interval.
+
+    ``data_env``: reserializing registers the DAGs' Assets, named after the data dirs' URIs.
+    """
     import re
 
     env = {**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags")}

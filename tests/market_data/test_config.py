@@ -29,6 +29,7 @@ def test_values_are_read_from_the_environment():
     ("BINANCE_RATE_LIMIT_SAFETY", "1.5"), ("BINANCE_MAX_CONCURRENCY", "0"), ("INGEST_START", "2017-13-01"),
     ("RECOMMENDATION_UPDATE_TIME", "25:00"), ("RECOMMENDATION_UPDATE_TIME", "noon"), ("LOG_LEVEL", "LOUD"),
     ("SLOW_INTERVALS_SCHEDULE", "hourly"), ("GAP_CHECK_LOOKBACK_DAYS", "-1"),
+    ("BINANCE_RATE_LIMIT_WEIGHT", "20"),  # x 0.8 = 16: below exchangeInfo's weight of 20
 ])
 def test_a_bad_value_names_its_variable(name, value):
     with pytest.raises(ConfigError, match=name):

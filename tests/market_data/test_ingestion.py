@@ -10,7 +10,7 @@ from include.market_data.gaps import GapRegistry
 from include.market_data.ingestion import DataIngestion, InvalidInput, WindowNotClosed, resolve_window
 from include.market_data.schema import table_to_rows
 from include.market_data.storage import RawStore
-from include.market_data.timeframes import HOUR_MS, now_ms, to_ms
+from include.market_data.timeframes import HOUR_MS, now_ms, to_ms, to_utc
 
 
 def stored_rows(interval, start, end, symbol="BTCUSDT"):
@@ -118,3 +118,39 @@ def test_window_clipping_and_retry_when_not_closed():
                        now=to_ms("2024-03-01T10:59:59Z"), require_closed=True)
     aligned = resolve_window("1h", "2024-03-01T09:30", "2024-03-01T10:00", settings=settings, now=now)
     assert aligned.slots == 0  # the 09:00 candle opens before start: not in [09:30, 10:00)
+
+
+def test_history_starts_at_the_first_candle_not_a_gap(data_env, sandbox):
+    """BTCUSDT opened 2017-08-17 04:00: the 1w candle of that week (opening Monday 08-14) is
+    ingested, and the hours before the listing are not recorded as an exchange outage."""
+    weekly = DataIngestion().ingest("1w", "2017-08-14", "2017-09-04")
+    truth = sandbox.truth("BTCUSDT", "1w", to_ms("2017-08-14"), to_ms("2017-09-04"))
+    assert truth[0][0] == to_ms("2017-08-14") and stored_rows("1w", "2017-08-14", "2017-09-04") == truth
+    assert weekly.gaps_found == 0
+    hourly = DataIngestion().ingest("1h", "2017-08-17", "2017-08-18")
+    assert hourly.candles_fetched == 20 and hourly.gaps_found == 0
+    assert GapRegistry(load_settings().raw_data_dir, "BTCUSDT", "1h").load() == []
+
+
+def test_a_scheduled_run_after_airflow_was_down_longer_than_the_lookback_catches_up(data_env, sandbox):
+    from include.market_data import pipeline
+
+    DataIngestion().ingest("1h", "2024-02-20", "2024-02-25")  # then Airflow is down for 5 days
+    now = to_ms("2024-03-01T00:00:30Z")
+    fetched = pipeline.fetch("1h", to_utc("2024-02-29T23:00Z"), to_utc("2024-03-01T00:00Z"), {}, "scheduled_x", now=now)
+    assert fetched["lookback_days"] == 3
+    checked = pipeline.check_gaps(fetched, now=now)
+    assert checked["symbols"][0]["checked_start_ms"] == to_ms("2024-02-25")  # not 02-26: resumes after the newest
+    pipeline.write_raw(checked, now=now)
+    truth = sandbox.truth("BTCUSDT", "1h", to_ms("2024-02-20"), to_ms("2024-03-01"))
+    assert stored_rows("1h", "2024-02-20", "2024-03-01") == truth and len(truth) == 10 * 24
+
+
+def test_a_run_refuses_symbols_outside_binance_symbols(data_env, sandbox):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from include.market_data import pipeline
+
+    with pytest.raises(AirflowFailException, match=r"symbols \['ETHUSDT'\] are not in BINANCE_SYMBOLS"):
+        pipeline.fetch("1h", None, None, {"start": "2024-03-01", "end": "2024-03-02", "symbols": ["ETHUSDT"]}, "m")
+    assert sandbox.stats()["by_endpoint"].get("/api/v3/klines", 0) == 0

@@ -3,8 +3,8 @@ from datetime import date, datetime, timedelta, timezone
 import pytest
 
 from include.market_data.timeframes import (
-    DAY_MS, HOUR_MS, ceil_to_grid, closed_end, days_in_window, floor_to_grid, grid, interval_ms,
-    last_closed_open_time, to_ms, to_utc,
+    DAY_MS, HOUR_MS, ceil_to_grid, closed_end, floor_to_grid, grid, interval_ms,
+    to_ms, to_utc,
 )
 
 MONDAY = to_ms("2024-01-01")  # a Monday
@@ -27,7 +27,6 @@ def test_grid_is_half_open():
 
 def test_closed_candles():
     now = MONDAY + 10 * HOUR_MS + 5 * 60_000
-    assert last_closed_open_time(now, "1h") == MONDAY + 9 * HOUR_MS
     assert closed_end(now, "1h") == MONDAY + 10 * HOUR_MS
     assert closed_end(MONDAY + 10 * HOUR_MS, "1h") == MONDAY + 10 * HOUR_MS  # the 09:00 candle closed at 09:59:59.999
 
@@ -48,8 +47,7 @@ def test_bad_times_are_rejected(bad):
         to_utc(bad)
 
 
-def test_days_in_window_and_unknown_interval():
-    assert days_in_window(MONDAY + HOUR_MS, MONDAY + DAY_MS + 1) == [MONDAY, MONDAY + DAY_MS]
+def test_unknown_interval():
     with pytest.raises(ValueError, match="2m"):
         interval_ms("2m")
 

@@ -58,12 +58,12 @@ def test_server_weight_counts_when_higher_than_own():
     assert len(clock.waits) == 1
 
 
-def test_update_records_server_weight_for_the_current_window():
+def test_server_weight_of_the_current_window_is_recorded_and_never_lowered():
     limiter, _ = make_limiter(budget=10)
-    limiter.update(7)
+    limiter.release(limiter.acquire(1), used_weight=7)  # other processes on the IP used 6
     assert limiter.used() == 7
-    limiter.update(3)  # an older, lower reading never lowers the count
-    assert limiter.used() == 7
+    limiter.release(limiter.acquire(1), used_weight=3)  # an older, lower reading never lowers the count
+    assert limiter.used() == 8
 
 
 def test_server_weight_from_a_previous_window_is_ignored():

@@ -187,12 +187,6 @@ class WeightLimiter:
             if used_weight is not None and reservation.window == self._window:
                 self._used = max(self._used, used_weight)
 
-    def update(self, used_weight: int) -> None:
-        """Record the server's count for the current window (``X-MBX-USED-WEIGHT-1M``)."""
-        with self._condition:
-            self._roll(self._clock())
-            self._used = max(self._used, used_weight)
-
     def used(self) -> int:
         """Weight counted against the current window."""
         with self._condition:
