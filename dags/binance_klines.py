@@ -25,6 +25,11 @@ CLOSE_SCHEDULES = {
     "1w": "0 0 * * 1",
 }
 SLOW_INTERVALS = ("4h", "1d", "1w")
+# Partitions are merged under a file lock on local disks; object stores have none, so there
+# one run at a time per interval is the only writer of its partitions.
+ON_OBJECT_STORE = any("://" in d and not d.startswith("file://")
+                      for d in (SETTINGS.raw_data_dir, SETTINGS.curated_data_dir))
+MAX_ACTIVE_RUNS = 1 if ON_OBJECT_STORE else 4
 ISO_TIME_PATTERN = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:?\d{2})?)?$"
 
 
@@ -46,7 +51,7 @@ def build_dag(interval: str):
         start_date=datetime(SETTINGS.ingest_start.year, SETTINGS.ingest_start.month, SETTINGS.ingest_start.day,
                             tzinfo=timezone.utc),
         catchup=False,
-        max_active_runs=4,
+        max_active_runs=MAX_ACTIVE_RUNS,
         max_active_tasks=8,
         dagrun_timeout=timedelta(hours=12),
         tags=["binance", "market-data", "ingestion", interval],

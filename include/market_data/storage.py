@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 import re
 import uuid
@@ -55,8 +56,11 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> None:
     file or the new one, never a part (temp file + ``os.replace`` locally, one PUT on S3/GCS)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if not _is_local(path):
-        with path.open("wb") as handle:
-            write(handle)
+        # Whole file in memory first: fsspec uploads on close even when the writer raised, so
+        # writing through path.open would replace the object with a part.
+        buffer = io.BytesIO()
+        write(buffer)
+        path.write_bytes(buffer.getvalue())
         return
     temp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:

@@ -241,3 +241,9 @@ def test_backfill_create_plans_one_run_per_candle_of_the_range(airflow_db, data_
     planned = re.findall(r"\| (2024-01-01 \d\d:00:00\+00:00) \|", result.stdout)
     # logical date = data interval start: runs [00:00, 01:00) ... [05:00, 06:00)
     assert planned == [f"2024-01-01 {h:02d}:00:00+00:00" for h in range(6)]
+
+
+def test_on_an_object_store_one_run_at_a_time_writes_each_partition(monkeypatch):
+    assert {dag.max_active_runs for dag in _bag().dags.values()} == {4}
+    monkeypatch.setenv("RAW_DATA_DIR", "s3://market-data/raw")
+    assert {dag.max_active_runs for dag in _bag().dags.values()} == {1}

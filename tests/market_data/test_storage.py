@@ -152,3 +152,19 @@ def test_partitions_on_an_object_store_round_trip_and_merge(object_store):
     assert table_to_rows(store.read("1h", "BTCUSDT", DAY, DAY + DAY_MS), 8) == rows
     assert store.metadata("1h", "BTCUSDT", DAY)["symbol"] == "BTCUSDT"
     assert store.write("1h", "BTCUSDT", rows_to_table(rows), PROVENANCE)[0].added == 0  # idempotent
+
+
+def test_a_failed_write_leaves_an_object_untouched(object_store):
+    from include.market_data.storage import atomic_write, resolve_root
+
+    url, memory, bucket = object_store
+    target = resolve_root(url) / "day.parquet"
+    atomic_write(target, lambda handle: handle.write(b"GOOD-OLD-CONTENT"))
+
+    def fails_half_way(handle):
+        handle.write(b"PARTIAL")
+        raise RuntimeError("writer died")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, fails_half_way)
+    assert memory.cat(f"{bucket}/day.parquet") == b"GOOD-OLD-CONTENT"
