@@ -77,3 +77,10 @@ def object_store(monkeypatch):
     finally:
         if memory.exists(bucket):
             memory.rm(bucket, recursive=True)
+
+
+@pytest.fixture(autouse=True)
+def _own_ban_record(tmp_path_factory, monkeypatch):
+    """Each test keeps its own machine-wide 418 record (a test that gets banned by the session
+    sandbox must not ban the tests after it)."""
+    monkeypatch.setenv("BINANCE_BAN_DIR", str(tmp_path_factory.mktemp("bans")))

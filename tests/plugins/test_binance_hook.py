@@ -747,3 +747,28 @@ def test_a_broken_stats_backend_never_breaks_a_request(sb, monkeypatch):
     for kind in ("incr", "timing", "gauge"):
         monkeypatch.setattr(stats, kind, broken)
     assert make_hook().ping().status == 200
+
+
+def test_a_ban_stops_other_processes_and_airflow_retries_too(sb):
+    """An Airflow retry is a new process with a fresh limiter: the ban must reach it anyway."""
+    import subprocess
+    import sys
+    import textwrap
+
+    sb.set_faults({"ban_418": 1, "ban_s": 30})
+    with pytest.raises(BinanceBanned) as caught:
+        make_hook().ping()
+    sb.clear_faults()
+    settled_stats(sb)
+    sb.reset_stats()
+    retry = textwrap.dedent("""
+        from binance_provider.hooks.binance import BinanceBanned, BinanceHook
+        try:
+            BinanceHook().ping()
+        except BinanceBanned as exc:
+            print("banned until", exc.until_ms)
+    """)
+    result = subprocess.run([sys.executable, "-c", retry], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"banned until {caught.value.until_ms}" in result.stdout
+    assert requests_to(sb, total=0) == 0  # the other process sent nothing

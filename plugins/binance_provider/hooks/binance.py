@@ -35,6 +35,7 @@ from binance_provider.hooks.errors import (
 from binance_provider.hooks.intervals import BINANCE_INTERVALS, grid_open, next_open
 from binance_provider.hooks.rate_limiter import (
     BanActive,
+    BanRecord,
     WeightLimiter,
     normalize_endpoint,
     request_weight,
@@ -398,6 +399,7 @@ class BinanceHook(HttpHook):
         self._connection_resolved = False
         self._connection: Any = None
         self._sessions = threading.local()
+        self._ban_record: BanRecord | None = None
 
     # -- connection and session --------------------------------------------------------------
 
@@ -465,6 +467,13 @@ class BinanceHook(HttpHook):
         return WeightLimiter.shared(
             self.source, self.settings.rate_limit_budget, self.settings.rate_limit_window_s
         )
+
+    @property
+    def ban_record(self) -> BanRecord:
+        """The machine-wide record of a 418 ban for this hook's host."""
+        if self._ban_record is None:
+            self._ban_record = BanRecord(self.source)
+        return self._ban_record
 
     # -- one request with limiter, retries and status handling -------------------------------
 
@@ -566,6 +575,9 @@ class BinanceHook(HttpHook):
         url = self.url_from_endpoint(call.endpoint)
         timeout = call.timeout_s if call.timeout_s is not None else self.timeout_s
         limiter = self.limiter
+        recorded_ban = self.ban_record.until()
+        if recorded_ban > time.time():  # another process of this machine was banned
+            limiter.ban_until(recorded_ban)
         try:
             reservation = limiter.acquire(call.weight)
         except BanActive as exc:
@@ -615,6 +627,7 @@ class BinanceHook(HttpHook):
             retry_after = _retry_after_s(response)
             until_s = time.time() + (retry_after if retry_after is not None else DEFAULT_BAN_S)
             limiter.ban_until(until_s)
+            self.ban_record.record(until_s)
             _emit("incr", "binance.banned")
             self._record(call, status, started, used_weight, error=msg, retry_after_s=retry_after)
             raise BinanceBanned(int(until_s * 1000), call.endpoint, msg, code=code)

@@ -10,11 +10,16 @@ It also holds the two pieces of state every caller of a host must share: the pau
 
 from __future__ import annotations
 
+import os
+import re
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 # Request weight of each endpoint the hook uses (Binance spot API docs, checked 2025).
 # Entries are (weight with ``symbol`` given, weight without it).
@@ -223,3 +228,50 @@ class WeightLimiter:
         """Epoch seconds the current ban ends, or ``None`` when not banned."""
         with self._condition:
             return self._banned_until if self._banned_until > self._clock() else None
+
+
+class BanRecord:
+    """A 418 ban, kept in a small file so every process on this machine sees it.
+
+    Bans are per IP and outlive the process that got one: an Airflow retry is a new process
+    with a fresh limiter, and calling during the ban lengthens it (2 minutes up to 3 days).
+    One file per host under ``directory`` (default ``$BINANCE_BAN_DIR``, else
+    ``$AIRFLOW_HOME/binance_bans``) holds the ban's end in epoch seconds; it is re-read only
+    when it changes (one ``stat`` per request).
+    """
+
+    def __init__(self, base_url: str, directory: str | os.PathLike | None = None) -> None:
+        if directory is None:
+            directory = os.environ.get("BINANCE_BAN_DIR") or Path(
+                os.environ.get("AIRFLOW_HOME") or Path(tempfile.gettempdir()) / "airflow") / "binance_bans"
+        root = Path(directory)
+        host = urlsplit(base_url).netloc or base_url
+        self.path = root / (re.sub(r"[^A-Za-z0-9_.-]", "_", host) + ".ban")
+        self._seen: tuple[int, int] | None = None
+        self._until_s = 0.0
+
+    def until(self) -> float:
+        """Epoch seconds the recorded ban ends (0 when none was recorded)."""
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return 0.0
+        seen = (stat.st_mtime_ns, stat.st_size)
+        if seen != self._seen:
+            try:
+                self._until_s = float(self.path.read_text().strip() or 0)
+            except (OSError, ValueError):  # half-read or garbled: ignore it, the server will tell
+                self._until_s = 0.0
+            self._seen = seen
+        return self._until_s
+
+    def record(self, until_s: float) -> None:
+        """Store a ban ending at ``until_s`` (a longer one already stored is kept)."""
+        until_s = max(until_s, self.until())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}")
+            temp.write_text(f"{until_s!r}\n")
+            os.replace(temp, self.path)  # readers see the old ban or the new one, never a part
+        except OSError:
+            pass  # the in-process limiter still holds the ban
