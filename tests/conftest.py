@@ -43,9 +43,11 @@ def sandbox():
 def clean_sandbox(sandbox):
     """The session sandbox with no faults and zeroed counters, reset again afterwards."""
     sandbox.clear_faults()
+    sandbox.reset_limits()
     sandbox.reset_stats()
     yield sandbox
     sandbox.clear_faults()
+    sandbox.reset_limits()  # a test that got banned must not ban the next one
 
 
 @pytest.fixture

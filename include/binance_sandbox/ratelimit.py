@@ -76,6 +76,13 @@ class WeightLimiter:
             state = self._state(client, now)
             state.retry_until = max(state.retry_until, now + seconds)
 
+    def ban(self, client: str, seconds: float) -> None:
+        """Record a 418 sent for another reason (an injected ban): the ban holds, as Binance's does."""
+        with self._lock:
+            now = self.clock()
+            state = self._state(client, now)
+            state.ban_until = max(state.ban_until, now + seconds)
+
     def used(self, client: str) -> int:
         with self._lock:
             return self._state(client, self.clock()).used

@@ -166,6 +166,7 @@ class _Handler(BaseHTTPRequestHandler):
                 status, message = 429, sandbox._limit_message(429)
             else:
                 retry = plan.ban_s if plan.ban_s is not None else int(sandbox._limiter.ban_s)
+                sandbox._limiter.ban(client, max(1, retry))
                 status, message = 418, sandbox._limit_message(418)
             headers["Retry-After"] = max(1, retry)
             self._send(status, _json({"code": -1003, "msg": message}), headers, path)
