@@ -175,6 +175,7 @@ class DataCuration:
                 targets = sorted(followed)
             if targets:
                 self._curate_span(interval, symbol, targets, available, summary)
+        self._restore_other_symbols(interval, symbol)
         summary.seconds = round(time.monotonic() - started, 3)
         observability.incr(f"curate.{interval}.rows", summary.rows)
         observability.timing(f"curate.{interval}.duration", summary.seconds * 1000)
@@ -182,6 +183,17 @@ class DataCuration:
                  rows=summary.rows, skipped=len(summary.skipped), latency_ms=round(summary.seconds * 1000, 1),
                  status="ok")
         return summary
+
+    def _restore_other_symbols(self, interval: str, symbol: str) -> None:
+        """A curated day file that could not be read was quarantined and rewritten with this
+        symbol's rows only: curate the other configured symbols of those days again."""
+        lost = sorted({day for day in map(self.curated.day_of_path, self.curated.io.quarantined) if day is not None})
+        self.curated.io.quarantined.clear()
+        for other in self.settings.symbols:
+            if other != symbol and lost:
+                log.warning("re-curating after a quarantined curated file", interval=interval, symbol=other,
+                            days=[ms_to_utc(d).date().isoformat() for d in lost], status="restored")
+                self.curate_days(interval, other, lost, follow_warmup=False)
 
     def _available_near(self, interval: str, symbol: str, wanted: list[int], follow_warmup: bool) -> list[int]:
         """Raw partitions curating ``wanted`` can touch: from the warm-up before the first day to the

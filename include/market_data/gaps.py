@@ -100,6 +100,12 @@ class GapRegistry:
                 refetch.append((start, end))
         return refetch, skipped
 
+    def due_outside(self, start_ms: int, end_ms: int, now_ms: int) -> list[tuple[int, int]]:
+        """Known gaps outside ``[start_ms, end_ms)`` whose re-check is due: a run re-checks them
+        too, so an old hole is retried at 1 h, 2 h, 4 h ... a week, wherever it lies."""
+        return [(g.start_ms, g.end_ms) for g in self.load()
+                if (g.end_ms <= start_ms or g.start_ms >= end_ms) and g.next_check_ms() <= now_ms]
+
     def record(self, checked: list[tuple[int, int]], still_missing: list[tuple[int, int]], now_ms: int) -> list[KnownGap]:
         """After refetching ``checked`` ranges, store which of their slots Binance still lacks."""
         step = interval_ms(self.interval)

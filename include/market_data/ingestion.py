@@ -274,8 +274,16 @@ def gap_check(source: KlineSource, store: RawStore, registry: GapRegistry, symbo
         # INGEST_START's day).
         checked_start = summary.checked_start_ms = max(checked_start, int(present.min()))
     holes = missing_ranges(present, checked_start, checked_end, interval)
-    summary.gaps_found = slot_count(holes, interval)
     summary.gaps_filled = registry.resolve(holes, checked_start, checked_end)
+    if lookback_days:
+        # A scheduled run also takes, beyond its checked range, the known gaps due for a
+        # re-check and the days whose partition was quarantined (unreadable) and never refetched.
+        holes += registry.due_outside(checked_start, checked_end, now)
+        for day in store.quarantined_days(interval, symbol):
+            if (day + DAY_MS <= checked_start or day >= checked_end) and day >= floor_ms:
+                holes += missing_ranges(np.empty(0, np.int64), day, min(day + DAY_MS, checked_end), interval)
+        holes.sort()
+    summary.gaps_found = slot_count(holes, interval)
     refetch, skipped = registry.to_refetch(holes, now)
     summary.skipped_known_slots = slot_count(skipped, interval)
     summary.refetched_ranges = refetch
@@ -291,7 +299,7 @@ def gap_check(source: KlineSource, store: RawStore, registry: GapRegistry, symbo
     summary.path = str(path)
     found = np.asarray(refetched, dtype=np.int64)
     still_missing = [r for start, end in refetch for r in missing_ranges(found, start, end, interval)]
-    if still_missing and still_missing[-1][1] == checked_end and now - checked_end < PUBLISH_GRACE_MS:
+    if any(end == checked_end for _, end in still_missing) and now - checked_end < PUBLISH_GRACE_MS:
         # The newest candles just closed: Binance may not have published them yet. That is
         # not an outage; fail so the task retries shortly instead of recording a gap.
         raise WindowNotClosed(f"{symbol} {interval}: candles from {ms_to_utc(still_missing[-1][0]).isoformat()} "

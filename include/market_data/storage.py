@@ -123,13 +123,17 @@ class PartitionIO:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def read(self, path, columns: list[str] | None = None) -> pa.Table | None:
-        """The table in ``path``; ``None`` when absent or unreadable (then quarantined)."""
+        """The table in ``path``; ``None`` when absent or not Parquet (then quarantined).
+
+        Only a file that does not parse is quarantined; an I/O error (a permission, a flaky
+        object store) raises, so a healthy partition is never moved aside by a transient fault.
+        """
         if not path.exists():
             return None
         try:
             with path.open("rb") as handle:
                 return pq.read_table(handle, columns=columns)
-        except (pa.ArrowException, OSError, ValueError) as exc:
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             self.quarantine(path, reason=str(exc))
             return None
 
@@ -242,6 +246,17 @@ class RawStore:
                 and name[start:start + 8].isdigit()]
         return sorted(day_from_key(key) for key in keys)
 
+    def quarantined_days(self, interval: str, symbol: str) -> list[int]:
+        """Days whose partition was quarantined (unreadable) and has not been written again."""
+        directory = self.root / QUARANTINE_DIR
+        if not directory.exists():
+            return []
+        prefix = f"{symbol}_{interval}_"
+        keys = {name[len(prefix):len(prefix) + 8] for name in _names(directory) if name.startswith(prefix)}
+        days = sorted(day_from_key(key) for key in keys if key.isdigit())
+        present = set(self.existing_days(interval, symbol, days))
+        return [day for day in days if day not in present]
+
     def existing_days(self, interval: str, symbol: str, days) -> list[int]:
         """Those of ``days`` (UTC day starts, in the given order) that have a partition: one stat
         each and no listing, so a run touching a few days costs the same with 10 or 3000 files."""
@@ -330,6 +345,12 @@ class CuratedStore:
 
     def path(self, interval: str, day_ms: int):
         return self.root / f"{interval}_curated_{day_key(day_ms)}.parquet"
+
+    @staticmethod
+    def day_of_path(path: str) -> int | None:
+        """The UTC day of a curated file's path (``None`` for another file)."""
+        match = _CURATED_RE.match(str(path).rsplit("/", 1)[-1])
+        return day_from_key(match["day"]) if match else None
 
     def days(self, interval: str) -> list[int]:
         if not self.root.exists():

@@ -584,3 +584,19 @@ def test_a_slow_curate_never_overwrites_a_newer_one_with_older_raw(tmp_path, mon
     run_b.join(timeout=30)
     curated = CuratedStore(settings.curated_data_dir).read("1h", day, day + DAY_MS)
     assert curated.num_rows == 7
+
+
+def test_a_corrupt_curated_file_is_rebuilt_for_every_symbol(tmp_path):
+    from tests.market_data.klines import make_rows
+
+    settings = load_settings({"RAW_DATA_DIR": str(tmp_path / "raw"), "CURATED_DATA_DIR": str(tmp_path / "cur"),
+                              "BINANCE_SYMBOLS": "BTCUSDT,ETHUSDT"})
+    raw, day = RawStore(settings.raw_data_dir), to_ms("2024-03-01")
+    for symbol in settings.symbols:
+        raw.write("1h", symbol, rows_to_table(make_rows("1h", day, 24)), {"source": "test"})
+        DataCuration(settings).curate_days("1h", symbol, [day])
+    curated = CuratedStore(settings.curated_data_dir)
+    curated.path("1h", day).write_bytes(b"garbage")
+    DataCuration(settings).curate_days("1h", "BTCUSDT", [day])
+    table = curated.read("1h", day, day + DAY_MS)
+    assert sorted(set(table.column("symbol").to_pylist())) == ["BTCUSDT", "ETHUSDT"] and table.num_rows == 48

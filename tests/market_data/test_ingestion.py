@@ -154,3 +154,39 @@ def test_a_run_refuses_symbols_outside_binance_symbols(data_env, sandbox):
     with pytest.raises(AirflowFailException, match=r"symbols \['ETHUSDT'\] are not in BINANCE_SYMBOLS"):
         pipeline.fetch("1h", None, None, {"start": "2024-03-01", "end": "2024-03-02", "symbols": ["ETHUSDT"]}, "m")
     assert sandbox.stats()["by_endpoint"].get("/api/v3/klines", 0) == 0
+
+
+def _scheduled_run(interval, start, end, now):
+    from include.market_data import pipeline
+
+    fetched = pipeline.fetch(interval, to_utc(start), to_utc(end), {}, f"scheduled_{start}", now=now)
+    checked = pipeline.check_gaps(fetched, now=now)
+    pipeline.write_raw(checked, now=now)
+    return checked["symbols"][0]
+
+
+def test_a_scheduled_run_refetches_a_quarantined_day_outside_its_lookback(data_env, sandbox):
+    DataIngestion().ingest("1h", "2024-02-01", "2024-03-01")
+    store = RawStore(load_settings().raw_data_dir)
+    store.path("1h", "BTCUSDT", to_ms("2024-02-10")).write_bytes(b"not parquet")
+    assert store.read("1h", "BTCUSDT", to_ms("2024-02-10"), to_ms("2024-02-11")).num_rows == 0  # quarantined
+    assert store.quarantined_days("1h", "BTCUSDT") == [to_ms("2024-02-10")]
+    checked = _scheduled_run("1h", "2024-02-29T23:00Z", "2024-03-01T00:00Z", now=to_ms("2024-03-01T00:00:30Z"))
+    assert checked["gaps_found"] == 24 and checked["gaps_filled"] == 24
+    truth = sandbox.truth("BTCUSDT", "1h", to_ms("2024-02-01"), to_ms("2024-03-01"))
+    assert stored_rows("1h", "2024-02-01", "2024-03-01") == truth
+    assert store.quarantined_days("1h", "BTCUSDT") == []
+
+
+def test_an_old_known_gap_is_rechecked_when_due_even_outside_the_lookback(data_env, sandbox):
+    outage = (to_ms("2024-02-10T06:00Z"), to_ms("2024-02-10T08:00Z"))
+    sandbox.set_faults({"outages": [{"start": outage[0], "end": outage[1]}]})
+    DataIngestion().ingest("1h", "2024-02-01", "2024-03-01", now=to_ms("2024-03-01T00:00:30Z"))
+    registry = GapRegistry(load_settings().raw_data_dir, "BTCUSDT", "1h")
+    assert [(g.start_ms, g.end_ms) for g in registry.load()] == [outage]
+    sandbox.clear_faults()  # Binance publishes the candles after all
+    not_due = _scheduled_run("1h", "2024-02-29T23:00Z", "2024-03-01T00:00Z", now=to_ms("2024-03-01T00:10Z"))
+    assert not_due["gaps_found"] == 0 and registry.load()  # first re-check is due an hour later
+    due = _scheduled_run("1h", "2024-03-01T00:00Z", "2024-03-01T01:00Z", now=to_ms("2024-03-01T01:00:40Z"))
+    assert due["gaps_found"] == 2 and due["gaps_filled"] == 2 and registry.load() == []
+    assert len(stored_rows("1h", "2024-02-01", "2024-03-01")) == 29 * 24
