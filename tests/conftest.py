@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -86,3 +88,41 @@ def _own_ban_record(tmp_path_factory, monkeypatch):
     """Each test keeps its own machine-wide 418 record (a test that gets banned by the session
     sandbox must not ban the tests after it)."""
     monkeypatch.setenv("BINANCE_BAN_DIR", str(tmp_path_factory.mktemp("bans")))
+
+
+# --- running DAGs: a migrated metadata DB and data dirs shared by every DAG run ---------------
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """Migrate the temporary AIRFLOW_HOME's metadata DB once per session (needed by ``dag.test()``)."""
+    home = os.environ["AIRFLOW_HOME"]
+    if not os.path.realpath(home).startswith(os.path.realpath(tempfile.gettempdir()) + os.sep):
+        pytest.fail(f"refusing to migrate AIRFLOW_HOME={home!r}: tests/conftest.py should point it at a temp dir")
+    result = subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=os.environ.copy(),
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        pytest.fail(f"airflow db migrate failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return home
+
+
+@pytest.fixture(scope="session")
+def _dag_data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("dag-data")
+
+
+@pytest.fixture
+def dag_data_env(_dag_data_root, monkeypatch, clean_sandbox):
+    """As ``data_env``, but every test running DAGs uses the same (emptied) data dirs.
+
+    The DAGs' Assets are named after the curated/signal dirs' URIs, and Airflow keeps one URI
+    per Asset name in its metadata DB: a new dir per test would make the Asset of the next
+    dag.test() inactive.
+    """
+    for entry in _dag_data_root.iterdir():
+        shutil.rmtree(entry)
+    monkeypatch.setenv("RAW_DATA_DIR", str(_dag_data_root / "raw"))
+    monkeypatch.setenv("CURATED_DATA_DIR", str(_dag_data_root / "curated"))
+    monkeypatch.setenv("SIGNAL_DATA_DIR", str(_dag_data_root / "signals"))
+    monkeypatch.setenv("AIRFLOW_CONN_BINANCE_DEFAULT", f'{{"conn_type": "http", "host": "{clean_sandbox.url}"}}')
+    return _dag_data_root
