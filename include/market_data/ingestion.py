@@ -259,7 +259,7 @@ def gap_check(source: KlineSource, store: RawStore, registry: GapRegistry, symbo
     if lookback_days:
         # Airflow down for longer than the lookback (catchup is off): resume from the newest
         # stored candle, or those candles would never be fetched.
-        newest = newest_stored_close_ms(store, symbol, interval)
+        newest = _newest_close_before(store, symbol, interval, max(floor_ms, checked_start))
         if newest is not None:
             checked_start = min(checked_start, newest + 1)
     checked_start = ceil_to_grid(max(floor_ms, checked_start), interval)
@@ -358,6 +358,17 @@ def write_staged(store: RawStore, symbol: str, interval: str, staged: list[str])
             summary.partitions_written += 1
     summary.newest_close_ms = int(times[-1]) + interval_ms(interval) - 1
     return summary
+
+
+def _newest_close_before(store: RawStore, symbol: str, interval: str, before_ms: int) -> int | None:
+    """Newest stored close time, looking first at the day just before ``before_ms`` (one stat on
+    a store kept up to date) and listing every partition only when that day is missing."""
+    day = day_start_ms(before_ms - 1)
+    if store.existing_days(interval, symbol, [day]):
+        table = store.read_day(interval, symbol, day, columns=["close_time"])
+        if table is not None and table.num_rows:
+            return int(pc.max(pc.cast(table.column("close_time"), pa.int64())).as_py())
+    return newest_stored_close_ms(store, symbol, interval)
 
 
 def newest_stored_close_ms(store: RawStore, symbol: str, interval: str, *, since_day_ms: int | None = None,
