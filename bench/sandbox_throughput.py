@@ -21,6 +21,9 @@ from pathlib import Path
 import requests
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+for _entry in (str(REPO_ROOT / "plugins"), str(REPO_ROOT)):
+    if _entry not in sys.path:
+        sys.path.insert(0, _entry)
 HISTORY_START_MS = 1_502_942_400_000  # BTCUSDT's first candle, 2017-08-17 04:00 UTC
 INTERVAL_MS = {"1m": 60_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000, "1h": 3_600_000,
                "4h": 14_400_000, "1d": 86_400_000}
@@ -94,6 +97,34 @@ def warm_up(url: str, interval: str, seconds: float = 1.0) -> None:
     measure_klines_throughput(url, threads=1, duration_s=seconds, interval=interval, seed=999)
 
 
+def measure_hook_pages(url: str, concurrency: int, pages: int, interval: str = "15m") -> dict:
+    """Pages/s of ``BinanceHook.iter_klines`` over ``pages`` full pages of ``interval``."""
+    import os
+
+    os.environ["AIRFLOW_CONN_BINANCE_DEFAULT"] = f'{{"conn_type": "http", "host": "{url}"}}'
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    from binance_provider.hooks.binance import BinanceHook
+    from binance_provider.hooks.rate_limiter import WeightLimiter
+
+    from include.market_data.config import Settings
+
+    WeightLimiter.clear_shared()
+    hook = BinanceHook(settings=Settings(rate_limit_weight=10**9, max_concurrency=concurrency, log_level="WARNING"))
+    start = HISTORY_START_MS + 86_400_000  # whole days of history, well before now
+    end = start + pages * 1000 * INTERVAL_MS[interval]
+    began = time.perf_counter()
+    fetched = sum(1 for _ in hook.iter_klines("BTCUSDT", interval, start, end, concurrency=concurrency))
+    elapsed = time.perf_counter() - began
+    return {"pages": fetched, "seconds": elapsed, "pages_per_s": fetched / elapsed}
+
+
+def set_latency(url: str, latency_ms: float) -> None:
+    if latency_ms:
+        requests.post(f"{url}/sandbox/faults", json={"latency_ms": latency_ms}, timeout=10).raise_for_status()
+    else:
+        requests.delete(f"{url}/sandbox/faults", timeout=10).raise_for_status()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2,4", help="comma list of client thread counts")
@@ -101,6 +132,8 @@ def main(argv=None) -> int:
     parser.add_argument("--interval", default="15m", choices=sorted(INTERVAL_MS))
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--url", help="measure a sandbox already running there instead of starting one")
+    parser.add_argument("--hook-pages", type=int, default=40, help="pages per BinanceHook run")
+    parser.add_argument("--concurrency", type=int, default=4, help="BINANCE_MAX_CONCURRENCY for the hook runs")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.threads.split(",") if n.strip()]
 
@@ -119,6 +152,22 @@ def main(argv=None) -> int:
             r = measure_klines_throughput(url, threads, args.duration, args.interval, args.limit)
             print(f"{r['threads']:>7} {r['requests']:>8} {r['failures']:>4} {r['requests_per_s']:>8.1f} "
                   f"{r['candles_per_s']:>10.0f} {r['mb_per_s']:>6.2f} {r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f}")
+
+        print(f"\nBinanceHook.iter_klines, {args.hook_pages} pages of {args.interval} (limit 1000), "
+              f"sequential vs concurrency {args.concurrency}, side by side:")
+        print(f"{'latency':>8} {'sequential p/s':>15} {f'x{args.concurrency} p/s':>10} {'speed-up':>9}")
+        speedups = {}
+        for latency_ms in (0, 50):
+            set_latency(url, latency_ms)
+            measure_hook_pages(url, 1, 2, args.interval)  # warm the pages' data and the session
+            sequential = measure_hook_pages(url, 1, args.hook_pages, args.interval)
+            parallel = measure_hook_pages(url, args.concurrency, args.hook_pages, args.interval)
+            speedups[latency_ms] = parallel["pages_per_s"] / sequential["pages_per_s"]
+            print(f"{latency_ms:>6} ms {sequential['pages_per_s']:>15.1f} {parallel['pages_per_s']:>10.1f} "
+                  f"{speedups[latency_ms]:>8.2f}x")
+        set_latency(url, 0)
+        print(f"SUMMARY sandbox_throughput: hook x{args.concurrency} vs sequential: {speedups[0]:.2f}x at 0 ms, "
+              f"{speedups[50]:.2f}x at 50 ms added latency")
     finally:
         if process is not None:
             process.terminate()
