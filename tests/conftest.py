@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ for entry in (str(ROOT / "plugins"), str(ROOT)):
 # Airflow reads its configuration when first imported: point it at a throw-away home
 # before any test module imports it, so tests never touch a developer's .airflow/.
 _AIRFLOW_HOME = tempfile.mkdtemp(prefix="osm-airflow-home-")
+atexit.register(shutil.rmtree, _AIRFLOW_HOME, ignore_errors=True)
 os.environ["AIRFLOW_HOME"] = _AIRFLOW_HOME
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
