@@ -92,6 +92,38 @@ def test_corrupt_partition_is_quarantined_and_read_as_absent(tmp_path):
     assert store.read("15m", "BTCUSDT", DAY, DAY + DAY_MS).num_rows == 96
 
 
+@pytest.mark.parametrize("damage", ["data pages", "footer"])
+def test_a_partition_damaged_inside_is_quarantined_too(tmp_path, damage):
+    """Flipped bytes in a data page or the footer raise OSError in pyarrow, not ArrowInvalid."""
+    store = RawStore(str(tmp_path))
+    store.write("15m", "BTCUSDT", rows_to_table(make_rows("15m", DAY, 96)), PROVENANCE)
+    path = store.path("15m", "BTCUSDT", DAY)
+    data = bytearray(path.read_bytes())
+    at = 200 if damage == "data pages" else len(data) - 300
+    data[at:at + 40] = bytes(b ^ 0xFF for b in data[at:at + 40])
+    path.write_bytes(bytes(data))
+    assert store.read("15m", "BTCUSDT", DAY, DAY + DAY_MS).num_rows == 0
+    assert not path.exists() and store.io.quarantined == [str(path)]
+
+
+def test_an_io_error_is_raised_not_quarantined(tmp_path, monkeypatch):
+    store = RawStore(str(tmp_path))
+    store.write("15m", "BTCUSDT", rows_to_table(make_rows("15m", DAY, 96)), PROVENANCE)
+    path = store.path("15m", "BTCUSDT", DAY)
+    real_open = Path.open
+
+    def flaky_open(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", flaky_open)
+    with pytest.raises(PermissionError):
+        store.read("15m", "BTCUSDT", DAY, DAY + DAY_MS)
+    monkeypatch.undo()
+    assert path.exists() and store.read("15m", "BTCUSDT", DAY, DAY + DAY_MS).num_rows == 96
+
+
 def _write_half(root: str, which: int, rounds: int) -> None:
     rows = make_rows("15m", DAY, 96)
     mine = [r for i, r in enumerate(rows) if i % 2 == which]
