@@ -26,10 +26,12 @@ CLOSE_SCHEDULES = {
 }
 SLOW_INTERVALS = ("4h", "1d", "1w")
 # Partitions are merged under a file lock on local disks; object stores have none, so there
-# one run at a time per interval is the only writer of its partitions.
+# the tasks that write (gap registry, raw, curated) run one at a time per DAG, backfill runs
+# included (a backfill's own max_active_runs would not bound them).
 ON_OBJECT_STORE = any("://" in d and not d.startswith("file://")
                       for d in (SETTINGS.raw_data_dir, SETTINGS.curated_data_dir))
 MAX_ACTIVE_RUNS = 1 if ON_OBJECT_STORE else 4
+WRITER = {"max_active_tis_per_dag": 1} if ON_OBJECT_STORE else {}
 ISO_TIME_PATTERN = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:?\d{2})?)?$"
 
 
@@ -82,19 +84,19 @@ def build_dag(interval: str):
 
             return pipeline.fetch(interval, data_interval_start, data_interval_end, dict(params or {}), run_id)
 
-        @task(pool=SETTINGS.pool)
+        @task(pool=SETTINGS.pool, **WRITER)
         def gap_check(fetched: dict) -> dict:
             from include.market_data import pipeline
 
             return pipeline.check_gaps(fetched)
 
-        @task
+        @task(**WRITER)
         def write_raw(checked: dict) -> dict:
             from include.market_data import pipeline
 
             return pipeline.write_raw(checked)
 
-        @task(outlets=[curated_asset(interval)])
+        @task(outlets=[curated_asset(interval)], **WRITER)
         def curate(written: dict) -> dict:
             from include.market_data import pipeline
 

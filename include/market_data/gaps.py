@@ -20,6 +20,7 @@ from include.market_data.timeframes import HOUR_MS, grid, interval_ms
 RECHECK_BASE_MS = HOUR_MS
 RECHECK_CAP_MS = int(timedelta(days=7).total_seconds() * 1000)
 GAPS_DIR = "_gaps"
+MAX_RECHECKS_PER_RUN = 8
 
 _TS = pa.timestamp("ms", tz="UTC")
 GAP_SCHEMA = pa.schema(
@@ -66,6 +67,22 @@ class KnownGap:
         return self.start_ms <= start_ms and end_ms <= self.end_ms
 
 
+def _merge_overlapping(gaps: list[KnownGap], step: int) -> list[KnownGap]:
+    """Known gaps sorted by start, overlapping or touching ones joined (runs checking
+    overlapping ranges would otherwise add one row each)."""
+    merged: list[KnownGap] = []
+    for gap in gaps:
+        if merged and gap.start_ms <= merged[-1].end_ms:
+            last = merged[-1]
+            end = max(last.end_ms, gap.end_ms)
+            merged[-1] = KnownGap(last.start_ms, end, (end - last.start_ms) // step,
+                                  min(last.first_seen_ms, gap.first_seen_ms),
+                                  max(last.last_checked_ms, gap.last_checked_ms), max(last.checks, gap.checks))
+        else:
+            merged.append(gap)
+    return merged
+
+
 class GapRegistry:
     """The known gaps of one symbol and interval, updated under a lock."""
 
@@ -100,11 +117,15 @@ class GapRegistry:
                 refetch.append((start, end))
         return refetch, skipped
 
-    def due_outside(self, start_ms: int, end_ms: int, now_ms: int) -> list[tuple[int, int]]:
-        """Known gaps outside ``[start_ms, end_ms)`` whose re-check is due: a run re-checks them
-        too, so an old hole is retried at 1 h, 2 h, 4 h ... a week, wherever it lies."""
-        return [(g.start_ms, g.end_ms) for g in self.load()
-                if (g.end_ms <= start_ms or g.start_ms >= end_ms) and g.next_check_ms() <= now_ms]
+    def due_outside(self, start_ms: int, end_ms: int, now_ms: int,
+                    limit: int = MAX_RECHECKS_PER_RUN) -> list[tuple[int, int]]:
+        """Known gaps outside ``[start_ms, end_ms)`` whose re-check is due, the longest-waiting
+        first and at most ``limit`` of them: a run re-checks them too, so an old hole is retried
+        at 1 h, 2 h, 4 h ... a week wherever it lies, without one run taking them all at once."""
+        due = [g for g in self.load()
+               if (g.end_ms <= start_ms or g.start_ms >= end_ms) and g.next_check_ms() <= now_ms]
+        due.sort(key=KnownGap.next_check_ms)
+        return [(g.start_ms, g.end_ms) for g in due[:limit]]
 
     def record(self, checked: list[tuple[int, int]], still_missing: list[tuple[int, int]], now_ms: int) -> list[KnownGap]:
         """After refetching ``checked`` ranges, store which of their slots Binance still lacks."""
@@ -123,7 +144,7 @@ class GapRegistry:
                         checks=max([g.checks for g in previous], default=0) + 1,
                     )
                 )
-            kept.sort(key=lambda g: g.start_ms)
+            kept = _merge_overlapping(sorted(kept, key=lambda g: g.start_ms), step)
             if kept or known:
                 self.io.write_atomic(self.path, self._table(kept), {"symbol": self.symbol, "interval": self.interval})
             return kept

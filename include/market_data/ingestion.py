@@ -280,9 +280,9 @@ def gap_check(source: KlineSource, store: RawStore, registry: GapRegistry, symbo
         # re-check and the days whose partition was quarantined (unreadable) and never refetched.
         holes += registry.due_outside(checked_start, checked_end, now)
         for day in store.quarantined_days(interval, symbol):
-            if (day + DAY_MS <= checked_start or day >= checked_end) and day >= floor_ms:
+            if floor_ms <= day < checked_end:  # the whole day: its part before checked_start is lost too
                 holes += missing_ranges(np.empty(0, np.int64), day, min(day + DAY_MS, checked_end), interval)
-        holes.sort()
+        holes = _merged(holes)
     summary.gaps_found = slot_count(holes, interval)
     refetch, skipped = registry.to_refetch(holes, now)
     summary.skipped_known_slots = slot_count(skipped, interval)
@@ -358,6 +358,17 @@ def write_staged(store: RawStore, symbol: str, interval: str, staged: list[str])
             summary.partitions_written += 1
     summary.newest_close_ms = int(times[-1]) + interval_ms(interval) - 1
     return summary
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, overlapping or touching ranges joined."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def _newest_close_before(store: RawStore, symbol: str, interval: str, before_ms: int) -> int | None:

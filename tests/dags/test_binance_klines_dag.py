@@ -243,7 +243,15 @@ def test_backfill_create_plans_one_run_per_candle_of_the_range(airflow_db, data_
     assert planned == [f"2024-01-01 {h:02d}:00:00+00:00" for h in range(6)]
 
 
-def test_on_an_object_store_one_run_at_a_time_writes_each_partition(monkeypatch):
-    assert {dag.max_active_runs for dag in _bag().dags.values()} == {4}
+WRITERS = ("gap_check", "write_raw", "curate")
+
+
+def test_on_an_object_store_one_task_at_a_time_writes_each_partition(monkeypatch):
+    local = _bag().dags.values()
+    assert {dag.max_active_runs for dag in local} == {4}
+    assert {dag.get_task(t).max_active_tis_per_dag for dag in local for t in WRITERS} == {None}
     monkeypatch.setenv("RAW_DATA_DIR", "s3://market-data/raw")
-    assert {dag.max_active_runs for dag in _bag().dags.values()} == {1}
+    remote = _bag().dags.values()
+    assert {dag.max_active_runs for dag in remote} == {1}
+    # backfill runs are not bound by max_active_runs: the writing tasks themselves are limited
+    assert {dag.get_task(t).max_active_tis_per_dag for dag in remote for t in WRITERS} == {1}

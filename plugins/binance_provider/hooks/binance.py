@@ -584,6 +584,11 @@ class BinanceHook(HttpHook):
             raise BinanceBanned(
                 int(exc.until_s * 1000), call.endpoint, "not calling a host that banned this IP"
             ) from None
+        recorded_ban = self.ban_record.until()
+        if recorded_ban > time.time():  # banned elsewhere while this thread waited for room
+            limiter.ban_until(recorded_ban)
+            limiter.release(reservation, None)
+            raise BinanceBanned(int(recorded_ban * 1000), call.endpoint, "not calling a host that banned this IP")
         used_weight: int | None = None
         started = time.perf_counter()
         try:

@@ -10,6 +10,7 @@ It also holds the two pieces of state every caller of a host must share: the pau
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import tempfile
@@ -267,11 +268,13 @@ class BanRecord:
 
     def record(self, until_s: float) -> None:
         """Store a ban ending at ``until_s`` (a longer one already stored is kept)."""
-        until_s = max(until_s, self.until())
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}")
-            temp.write_text(f"{until_s!r}\n")
-            os.replace(temp, self.path)  # readers see the old ban or the new one, never a part
+            with open(self.path.with_name(self.path.name + ".lock"), "a+b") as lock:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # read-max-write: a longer ban is never lost
+                until_s = max(until_s, self.until())
+                temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}")
+                temp.write_text(f"{until_s!r}\n")
+                os.replace(temp, self.path)  # readers see the old ban or the new one, never a part
         except OSError:
             pass  # the in-process limiter still holds the ban
