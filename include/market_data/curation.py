@@ -153,6 +153,8 @@ class DataCuration:
         are recomputed as well (a backfilled or revised candle changes them).
         """
         self._check(interval, symbol)
+        if follow_warmup:
+            self._rebuild_quarantined_days(interval)
         started = time.monotonic()
         summary = CurationSummary(interval, symbol)
         wanted = sorted({day_start_ms(d) for d in days})
@@ -183,6 +185,16 @@ class DataCuration:
                  rows=summary.rows, skipped=len(summary.skipped), latency_ms=round(summary.seconds * 1000, 1),
                  status="ok")
         return summary
+
+    def _rebuild_quarantined_days(self, interval: str) -> None:
+        """Curated day files quarantined by a reader (the signal, a shell) are rebuilt for every
+        configured symbol by the next incremental curation of the interval."""
+        lost = self.curated.quarantined_days(interval)
+        if lost:
+            log.warning("rebuilding quarantined curated days", interval=interval,
+                        days=[ms_to_utc(d).date().isoformat() for d in lost], status="restored")
+            for each in self.settings.symbols:
+                self.curate_days(interval, each, lost, follow_warmup=False)
 
     def _restore_other_symbols(self, interval: str, symbol: str) -> None:
         """A curated day file that could not be read was quarantined and rewritten with this

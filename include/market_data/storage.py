@@ -353,6 +353,16 @@ class CuratedStore:
     def path(self, interval: str, day_ms: int):
         return self.root / f"{interval}_curated_{day_key(day_ms)}.parquet"
 
+    def quarantined_days(self, interval: str) -> list[int]:
+        """Days whose curated file was quarantined (unreadable) and has not been written again."""
+        directory = self.root / QUARANTINE_DIR
+        if not directory.exists():
+            return []
+        prefix = f"{interval}_curated_"
+        keys = {name[len(prefix):len(prefix) + 8] for name in _names(directory) if name.startswith(prefix)}
+        return sorted(day for day in (day_from_key(k) for k in keys if k.isdigit())
+                      if not self.path(interval, day).exists())
+
     @staticmethod
     def day_of_path(path: str) -> int | None:
         """The UTC day of a curated file's path (``None`` for another file)."""

@@ -600,3 +600,22 @@ def test_a_corrupt_curated_file_is_rebuilt_for_every_symbol(tmp_path):
     DataCuration(settings).curate_days("1h", "BTCUSDT", [day])
     table = curated.read("1h", day, day + DAY_MS)
     assert sorted(set(table.column("symbol").to_pylist())) == ["BTCUSDT", "ETHUSDT"] and table.num_rows == 48
+
+
+def test_a_curated_day_quarantined_by_a_reader_is_rebuilt_by_the_next_curation(tmp_path):
+    from tests.market_data.klines import make_rows
+
+    settings = load_settings({"RAW_DATA_DIR": str(tmp_path / "raw"), "CURATED_DATA_DIR": str(tmp_path / "cur"),
+                              "BINANCE_SYMBOLS": "BTCUSDT,ETHUSDT"})
+    raw, day = RawStore(settings.raw_data_dir), to_ms("2024-03-01")
+    for symbol in settings.symbols:
+        raw.write("1h", symbol, rows_to_table(make_rows("1h", day, 48)), {"source": "test"})
+        DataCuration(settings).curate_days("1h", symbol, [day, day + DAY_MS])
+    curated = CuratedStore(settings.curated_data_dir)
+    curated.path("1h", day).write_bytes(b"garbage")
+    assert curated.read("1h", day, day + DAY_MS) is None  # a reader (the signal) quarantines it
+    assert curated.quarantined_days("1h") == [day]
+    DataCuration(settings).curate_days("1h", "BTCUSDT", [day + DAY_MS])  # the next scheduled curation
+    table = curated.read("1h", day, day + DAY_MS)
+    assert sorted(set(table.column("symbol").to_pylist())) == ["BTCUSDT", "ETHUSDT"] and table.num_rows == 48
+    assert curated.quarantined_days("1h") == []
