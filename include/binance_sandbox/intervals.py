@@ -1,6 +1,6 @@
 """Binance kline intervals and how their candles align on the clock.
 
-Kept separate from ``include.market_data.timeframes`` on purpose: the sandbox is an
+Kept separate from the client's own interval grid on purpose: the sandbox is an
 independent reading of Binance, so a mistake shared with the client cannot hide.
 
 Alignment as on Binance: intervals up to 1d and 3d are multiples of their length since
