@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import re
 import shutil
+import time
 from pathlib import Path
 
 from airflow.sdk.exceptions import AirflowFailException
@@ -52,6 +53,22 @@ def _run_dir(settings: Settings, interval: str, run_id: str):
     return staging_root(settings) / interval / safe
 
 
+# A run's staging dir is removed by write_raw; one older than this belongs to a run that failed
+# for good (DAG runs time out after 12 h).
+ABANDONED_STAGING_S = 2 * 24 * 3600
+
+
+def _drop_abandoned_staging(settings: Settings, interval: str) -> None:
+    root = staging_root(settings) / interval
+    if not isinstance(root, Path) or not root.exists():
+        return
+    cutoff = time.time() - ABANDONED_STAGING_S
+    for run_dir in root.iterdir():
+        if run_dir.is_dir() and run_dir.stat().st_mtime < cutoff:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            log.info("abandoned staging removed", interval=interval, path=str(run_dir), status="cleaned")
+
+
 def run_window(interval: str, data_interval_start, data_interval_end, params: dict | None, *,
                settings: Settings, now: int | None = None) -> Window:
     """The window a run ingests.
@@ -92,6 +109,7 @@ def fetch(interval: str, data_interval_start, data_interval_end, params: dict | 
     check_interval(interval, settings)
     symbols = run_symbols(params, settings)
     window = run_window(interval, data_interval_start, data_interval_end, params, settings=settings, now=now)
+    _drop_abandoned_staging(settings, interval)
     source = source or BinanceRestSource(settings)
     staged = []
     for symbol in symbols:

@@ -190,3 +190,21 @@ def test_an_old_known_gap_is_rechecked_when_due_even_outside_the_lookback(data_e
     due = _scheduled_run("1h", "2024-03-01T00:00Z", "2024-03-01T01:00Z", now=to_ms("2024-03-01T01:00:40Z"))
     assert due["gaps_found"] == 2 and due["gaps_filled"] == 2 and registry.load() == []
     assert len(stored_rows("1h", "2024-02-01", "2024-03-01")) == 29 * 24
+
+
+def test_staging_left_by_a_failed_run_is_removed_after_two_days(data_env, sandbox):
+    import os
+    import time
+
+    from include.market_data import pipeline
+    from include.market_data.ingestion import staging_root
+
+    root = staging_root(load_settings()) / "1h"
+    abandoned, recent = root / "manual__failed_long_ago", root / "manual__still_running"
+    for run_dir in (abandoned, recent):
+        run_dir.mkdir(parents=True)
+        (run_dir / "BTCUSDT_fetch.parquet").write_bytes(b"partial")
+    three_days_ago = time.time() - 3 * 86_400
+    os.utime(abandoned, (three_days_ago, three_days_ago))
+    pipeline.fetch("1h", None, None, {"start": "2024-03-01", "end": "2024-03-01T02:00Z"}, "manual__now")
+    assert not abandoned.exists() and recent.exists() and (root / "manual__now").exists()
