@@ -586,15 +586,21 @@ def test_a_slow_curate_never_overwrites_a_newer_one_with_older_raw(tmp_path, mon
     assert curated.num_rows == 7
 
 
-def test_a_corrupt_curated_file_is_rebuilt_for_every_symbol(tmp_path):
+def _two_symbols_curated(tmp_path, hours: int) -> tuple[Settings, int]:
+    """BTCUSDT and ETHUSDT, ``hours`` 1h candles each from 2024-03-01, raw and curated."""
     from tests.market_data.klines import make_rows
 
     settings = load_settings({"RAW_DATA_DIR": str(tmp_path / "raw"), "CURATED_DATA_DIR": str(tmp_path / "cur"),
                               "BINANCE_SYMBOLS": "BTCUSDT,ETHUSDT"})
     raw, day = RawStore(settings.raw_data_dir), to_ms("2024-03-01")
     for symbol in settings.symbols:
-        raw.write("1h", symbol, rows_to_table(make_rows("1h", day, 24)), {"source": "test"})
-        DataCuration(settings).curate_days("1h", symbol, [day])
+        raw.write("1h", symbol, rows_to_table(make_rows("1h", day, hours)), {"source": "test"})
+        DataCuration(settings).curate_days("1h", symbol, list(range(day, day + hours * HOUR_MS, DAY_MS)))
+    return settings, day
+
+
+def test_a_corrupt_curated_file_is_rebuilt_for_every_symbol(tmp_path):
+    settings, day = _two_symbols_curated(tmp_path, hours=24)
     curated = CuratedStore(settings.curated_data_dir)
     curated.path("1h", day).write_bytes(b"garbage")
     DataCuration(settings).curate_days("1h", "BTCUSDT", [day])
@@ -603,14 +609,7 @@ def test_a_corrupt_curated_file_is_rebuilt_for_every_symbol(tmp_path):
 
 
 def test_a_curated_day_quarantined_by_a_reader_is_rebuilt_by_the_next_curation(tmp_path):
-    from tests.market_data.klines import make_rows
-
-    settings = load_settings({"RAW_DATA_DIR": str(tmp_path / "raw"), "CURATED_DATA_DIR": str(tmp_path / "cur"),
-                              "BINANCE_SYMBOLS": "BTCUSDT,ETHUSDT"})
-    raw, day = RawStore(settings.raw_data_dir), to_ms("2024-03-01")
-    for symbol in settings.symbols:
-        raw.write("1h", symbol, rows_to_table(make_rows("1h", day, 48)), {"source": "test"})
-        DataCuration(settings).curate_days("1h", symbol, [day, day + DAY_MS])
+    settings, day = _two_symbols_curated(tmp_path, hours=48)
     curated = CuratedStore(settings.curated_data_dir)
     curated.path("1h", day).write_bytes(b"garbage")
     assert curated.read("1h", day, day + DAY_MS) is None  # a reader (the signal) quarantines it
