@@ -11,12 +11,12 @@ import functools
 
 from decimal import Decimal
 
-import numpy as np
 import pandas as pd
 import pandera.pandas as pa_schema
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from binance_provider.klines import ROW_RULES
 from include.market_data.timeframes import WEEK_ORIGIN_MS, interval_ms
 
 SCHEMA_VERSION = "1"
@@ -98,8 +98,8 @@ def table_to_rows(table: pa.Table, places: int) -> list[list]:
 def _grid_frame(table: pa.Table) -> pd.DataFrame:
     """Numeric view used by the checks: times as int ms, decimals as float64.
 
-    Decimal -> float is monotonic, so the OHLC inequalities hold on floats iff they hold on
-    the exact values.
+    Decimal -> float is monotonic, so a value rule that holds on the exact values holds on the
+    floats too: these checks never refuse a row the hook's exact checks passed.
     """
     frame = {
         name: pc.cast(table.column(name), pa.int64()).to_numpy() if name.endswith("_time")
@@ -113,10 +113,14 @@ def _grid_frame(table: pa.Table) -> pd.DataFrame:
 
 @functools.lru_cache(maxsize=None)
 def raw_frame_schema(interval: str) -> pa_schema.DataFrameSchema:
-    """pandera schema of a raw partition's rows for ``interval`` (built once per interval)."""
+    """pandera schema of a raw partition's rows for ``interval`` (built once per interval).
+
+    The structure (grid, order, uniqueness, close_time) is checked here; the value rules of a
+    row are the provider's :data:`binance_provider.klines.ROW_RULES`, the same the hook applies
+    to every row it receives, so a row the hook passes is never refused here.
+    """
     step = interval_ms(interval)
     origin = WEEK_ORIGIN_MS if interval == "1w" else 0
-    non_negative = pa_schema.Check.ge(0)
     return pa_schema.DataFrameSchema(
         {
             "open_time": pa_schema.Column(
@@ -128,16 +132,13 @@ def raw_frame_schema(interval: str) -> pa_schema.DataFrameSchema:
                 unique=True,
             ),
             "close_time": pa_schema.Column("int64"),
-            "number_of_trades": pa_schema.Column("int64", non_negative),
-            **{name: pa_schema.Column("float64", non_negative) for name in DECIMAL_COLUMNS},
+            "number_of_trades": pa_schema.Column("int64"),
+            **{name: pa_schema.Column("float64") for name in DECIMAL_COLUMNS},
         },
         checks=[
             pa_schema.Check(lambda df: df.close_time == df.open_time + step - 1,
                             error="close_time != open_time + interval - 1 ms"),
-            pa_schema.Check(lambda df: df.high >= np.maximum(df.open, df.close), error="high below open/close"),
-            pa_schema.Check(lambda df: df.low <= np.minimum(df.open, df.close), error="low above open/close"),
-            pa_schema.Check(lambda df: df.taker_buy_base_asset_volume <= df.volume,
-                            error="taker buy volume above volume"),
+            *(pa_schema.Check(rule.check, name=rule.name, error=rule.message) for rule in ROW_RULES),
         ],
         strict=True,
         coerce=False,

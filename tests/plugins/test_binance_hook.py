@@ -9,14 +9,17 @@ clock or client state). Timeouts and backoff are tiny so the whole file runs in 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
+import structlog
 
 from binance_provider.hooks.binance import (
     BinanceAPIError,
@@ -25,6 +28,7 @@ from binance_provider.hooks.binance import (
     BinanceRateLimited,
     BinanceUnavailable,
     KlinePage,
+    RejectedRow,
     ResponseMeta,
 )
 from include.binance_sandbox import SandboxServer
@@ -97,6 +101,94 @@ def private_sandbox(monkeypatch: pytest.MonkeyPatch, **options) -> Iterator[Sand
     with SandboxServer(host="127.0.0.1", port=0, **options) as server:
         point_conn_at(monkeypatch, server.url)
         yield server
+
+
+class _ScriptedHandler(BaseHTTPRequestHandler):
+    timeout = 5  # a client that stops talking cannot hold a handler thread
+
+    def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
+        pass
+
+    def do_GET(self):
+        owner: ScriptedServer = self.server.owner
+        with owner.lock:
+            step = owner.script.pop(0) if owner.script else None
+        if step is None:
+            upstream = requests.get(owner.upstream + self.path, timeout=5)
+            status, body = upstream.status_code, upstream.content
+            headers = {k: v for k, v in upstream.headers.items() if k in ("Content-Type", "X-MBX-USED-WEIGHT-1M")}
+            if owner.rewrite is not None and status == 200:
+                body = json.dumps(owner.rewrite(upstream.json())).encode()
+        else:
+            status, headers, body = step
+        with owner.lock:  # counted before the answer goes out: a client never sees it first
+            owner.answered.append(status)
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, str(value))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class ScriptedServer:
+    """A narrow HTTP server on 127.0.0.1 in front of a sandbox, for answers the sandbox cannot
+    inject: the first requests get ``script``'s ``(status, headers, body)`` in turn, the rest are
+    forwarded to ``upstream`` (JSON bodies passed through ``rewrite`` when given). ``answered``
+    lists the status of every answer."""
+
+    def __init__(self, upstream: str, script: list[tuple[int, dict, bytes]] = (),
+                 rewrite: Callable[[list], list] | None = None) -> None:
+        self.upstream = upstream
+        self.script = list(script)
+        self.rewrite = rewrite
+        self.answered: list[int] = []
+        self.lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> ScriptedServer:
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _ScriptedHandler)
+        self._httpd.daemon_threads = True
+        self._httpd.owner = self
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="scripted-binance", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._httpd.shutdown()
+        finally:
+            self._httpd.server_close()
+            self._thread.join(timeout=5)
+
+
+@contextmanager
+def scripted(monkeypatch: pytest.MonkeyPatch, upstream: SandboxServer, script=(),
+             rewrite=None) -> Iterator[ScriptedServer]:
+    """A :class:`ScriptedServer` in front of ``upstream`` that ``binance_default`` points at."""
+    with ScriptedServer(upstream.url, script, rewrite) as server:
+        point_conn_at(monkeypatch, server.url)
+        yield server
+
+
+# What Binance's WAF (CloudFront) answers when it blocks a request.
+WAF_403 = (403, {"Content-Type": "text/html"},
+           b"<html><head><title>403 Forbidden</title></head><body><h1>403 Forbidden</h1></body></html>")
+GAVE_UP = re.compile(r"gave up after (\d+) attempts? in (\d+\.\d) s")
+
+
+def gave_up(error: BaseException) -> tuple[int, float]:
+    """(attempts, seconds) from a final error's message."""
+    found = GAVE_UP.search(str(error))
+    assert found, f"no attempt count and duration in {str(error)!r}"
+    return int(found.group(1)), float(found.group(2))
 
 
 @pytest.fixture
@@ -411,6 +503,110 @@ def test_open_candle_is_dropped_and_counted(sb):
     assert past.dropped_open == 1 and [r[0] for r in past.rows] == [hour - 3 * HOUR_MS, hour - 2 * HOUR_MS]
 
 
+# -- value rules: a row that breaks one is dropped and reported, not retried ---------------------
+
+
+def test_a_row_breaking_a_value_rule_is_dropped_and_reported_without_retry(sb, monkeypatch, metrics):
+    start = ms("2024-04-02")
+    end = start + 8 * HOUR_MS
+    truth = sb.truth("BTCUSDT", "1h", start, end)
+    bad_open = truth[3][0]
+
+    def taker_above_volume(rows: list) -> list:
+        for row in rows:
+            if row[0] == bad_open:
+                row[9] = f"{float(row[5]) + 1:.8f}"  # taker_buy_base_asset_volume > volume
+        return rows
+
+    with scripted(monkeypatch, sb, rewrite=taker_above_volume) as server:
+        hook = make_hook()
+        with structlog.testing.capture_logs() as logs:
+            page = hook.klines("BTCUSDT", "1h", start, end)
+        assert server.answered == [200]  # no retry: Binance would send the same row again
+    assert page.meta.retries == 0 and metrics.count("binance.request.retry") == 0
+    assert page.rows == truth[:3] + truth[4:]  # the rest of the page, untouched
+    assert page.dropped_open == 0
+    (rejected,) = page.rejected
+    assert isinstance(rejected, RejectedRow)
+    assert rejected.open_time == bad_open
+    assert rejected.rules == ("taker_buy_base_within_volume",)
+    assert rejected.messages == ("taker_buy_base_asset_volume above volume",)
+    assert rejected.row[:9] == truth[3][:9] and float(rejected.row[9]) > float(rejected.row[5])
+
+    warnings = [e for e in logs if e["event"] == "binance kline row rejected"]
+    assert len(warnings) == 1
+    warning = warnings[0]
+    assert warning["log_level"] == "warning"
+    assert (warning["symbol"], warning["interval"]) == ("BTCUSDT", "1h")
+    assert warning["open_time_ms"] == bad_open
+    assert warning["open_time"] == "2024-04-02T03:00:00+00:00"
+    assert warning["rules"] == ["taker_buy_base_within_volume"]
+    assert warning["values"]["taker_buy_base_asset_volume"] == rejected.row[9]
+    assert warning["values"]["volume"] == truth[3][5]
+
+
+def test_a_structurally_malformed_row_is_still_retried(sb, monkeypatch, metrics):
+    start = ms("2024-04-02")
+    end = start + 8 * HOUR_MS
+    answers = []
+
+    def break_first_answer(rows: list) -> list:
+        answers.append(len(rows))
+        if len(answers) == 1:
+            rows[2][6] += 1  # close_time off by a millisecond: the body is broken, not the market
+        return rows
+
+    with scripted(monkeypatch, sb, rewrite=break_first_answer) as server:
+        page = make_hook().klines("BTCUSDT", "1h", start, end)
+        assert server.answered == [200, 200]
+    assert page.meta.retries == 1 and page.rejected == []
+    assert page.rows == sb.truth("BTCUSDT", "1h", start, end)
+    assert metrics.count("binance.request.error.malformed") == 1
+
+
+# -- a symbol's first candle ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("interval", "first_open"),
+    [
+        ("1m", "2017-08-17T04:00"),  # the sandbox's (and Binance's) first BTCUSDT candle
+        ("1h", "2017-08-17T04:00"),
+        ("1d", "2017-08-17T00:00"),
+        ("1w", "2017-08-14T00:00"),  # weeks open on Mondays
+    ],
+)
+def test_first_open_ms_is_the_first_candle_of_the_symbol(sb, interval, first_open):
+    hook = make_hook()
+    first = hook.first_open_ms("BTCUSDT", interval)
+    assert first == ms(first_open)
+    assert first == sb.truth("BTCUSDT", interval, 0, first + 1)[0][0]
+    assert requests_to(sb, KLINES, total=1) == 1
+
+
+def test_first_open_ms_weight_retries_and_errors(monkeypatch, metrics):
+    # Frozen clock and endless weight window: the weight used is exact.
+    with private_sandbox(monkeypatch, now_ms=FIXED_NOW_MS, window_s=1e9) as server:
+        hook = make_hook()
+        server.set_faults({"error_next": 1})
+        assert hook.first_open_ms("ETHUSDT", "1d") == HISTORY_START_MS
+        assert metrics.count("binance.request.retry") == 1  # through the same retry path
+        assert settled_stats(server, total=2)["current_window_weight"] == 4  # 2 per klines request
+        with pytest.raises(BinanceAPIError) as caught:
+            hook.first_open_ms("NOSUCHCOIN", "1d")
+        assert caught.value.code == -1121
+        with pytest.raises(ValueError, match="interval"):
+            hook.first_open_ms("BTCUSDT", "2m")
+        assert requests_to(server, total=3) == 3
+
+
+def test_first_open_ms_is_none_when_binance_has_no_candle(monkeypatch):
+    # A sandbox whose clock is before any listing: Binance answers an empty list.
+    with private_sandbox(monkeypatch, now_ms=ms("2017-01-01")) as server:
+        assert make_hook().first_open_ms("BTCUSDT", "1h") is None
+        assert settled_stats(server, total=1)["by_status"] == {"200": 1}
+
+
 # -- validation before any request -----------------------------------------------------------------
 
 
@@ -661,6 +857,103 @@ def test_418_bans_and_later_calls_send_nothing(sb, metrics):
         assert again.value.until > datetime.now(timezone.utc)
     assert requests_to(sb, total=0) == 0  # nothing was sent while banned
     assert metrics.count("binance.request.count") == 1
+
+
+# -- one retry budget: 429s and transient failures share max_tries and max_time_s -------------------
+
+
+def test_one_retry_budget_counts_429s_and_5xx_together(monkeypatch, metrics):
+    with private_sandbox(monkeypatch) as server:
+        hook = make_hook(max_tries=4)
+        server.set_faults({"storm_429": 2, "retry_after_s": 1, "error_rate": 1.0})  # 429, 429, then 5xx
+        started = time.monotonic()
+        with pytest.raises(BinanceUnavailable) as caught:
+            hook.klines("BTCUSDT", "1h", ms("2024-05-01"), ms("2024-05-02"))
+        elapsed = time.monotonic() - started
+        snapshot = settled_stats(server, total=4)
+        assert snapshot["requests"] == 4  # four attempts in all, not four of each kind
+        assert snapshot["by_status"].get("429") == 2
+        assert sum(n for status, n in snapshot["by_status"].items() if status.startswith("5")) == 2
+        attempts, seconds = gave_up(caught.value)
+        assert attempts == 4 and "max_tries=4" in str(caught.value)
+        assert 1.9 <= seconds <= elapsed + 0.05  # both Retry-Afters were honoured, and counted
+        assert caught.value.status in (500, 502, 503, 504)
+        assert metrics.count("binance.request.retry") == 3
+        assert metrics.count("binance.request.count") == 4
+
+
+def test_a_budget_ending_on_a_429_raises_rate_limited(sb, monkeypatch, metrics):
+    script = [(503, {}, b"Service Unavailable"), WAF_403,
+              (429, {"Retry-After": "1", "Content-Type": "application/json"},
+               b'{"code":-1003,"msg":"Too much request weight used."}')]
+    with scripted(monkeypatch, sb, script) as server:
+        hook = make_hook(max_tries=3)
+        with pytest.raises(BinanceRateLimited) as caught:
+            hook.server_time()
+        assert server.answered == [503, 403, 429]
+    error = caught.value
+    assert (error.status, error.code) == (429, -1003)
+    attempts, seconds = gave_up(error)
+    assert attempts == 3 and seconds < 1.0  # gave up at once: no attempt was left to wait for
+    assert metrics.count("binance.request.retry") == 2
+    assert requests_to(sb) == 0
+
+
+def test_max_time_s_bounds_transient_retries(sb, metrics):
+    hook = make_hook(max_tries=1000, max_time_s=0.5, backoff_factor_s=0.02, backoff_cap_s=0.05)
+    sb.set_faults({"error_rate": 1.0})
+    started = time.monotonic()
+    with pytest.raises(BinanceUnavailable) as caught:
+        hook.ping()
+    elapsed = time.monotonic() - started
+    attempts, seconds = gave_up(caught.value)
+    assert "max_time_s=0.5" in str(caught.value)
+    assert elapsed < 0.5 + 0.3  # the budget, plus at most one request that started inside it
+    assert 0.4 <= seconds <= elapsed + 0.05
+    assert 3 <= attempts < 1000
+    assert requests_to(sb, "/api/v3/ping", total=attempts) == attempts
+    assert metrics.count("binance.request.retry") == attempts - 1
+
+
+def test_max_time_s_stops_before_a_retry_after_that_ends_past_it(monkeypatch):
+    with private_sandbox(monkeypatch) as server:
+        hook = make_hook(max_tries=5, max_time_s=1.0)
+        server.set_faults({"storm_429": 5, "retry_after_s": 2})
+        started = time.monotonic()
+        with pytest.raises(BinanceRateLimited) as caught:
+            hook.ping()
+        elapsed = time.monotonic() - started
+        # Waiting 2 s for Retry-After cannot fit in a 1 s budget: no second attempt, no wait.
+        assert elapsed < 0.5
+        assert gave_up(caught.value)[0] == 1 and "max_time_s=1" in str(caught.value)
+        assert settled_stats(server, total=1)["by_status"] == {"429": 1}
+        assert hook.limiter.paused_until is not None  # other threads still honour the Retry-After
+
+
+def test_403_is_transient_and_retried_until_it_clears(sb, monkeypatch, metrics):
+    start = ms("2023-03-01")
+    with scripted(monkeypatch, sb, [WAF_403, WAF_403]) as server:
+        hook = make_hook()
+        page = hook.klines("BTCUSDT", "1h", start, start + 24 * HOUR_MS)
+        assert server.answered == [403, 403, 200]
+    assert page.meta.retries == 2
+    assert page.rows == sb.truth("BTCUSDT", "1h", start, start + 24 * HOUR_MS)
+    assert metrics.count("binance.request.error.403") == 2
+    assert metrics.count("binance.request.retry") == 2
+    assert requests_to(sb, KLINES, total=1) == 1
+
+
+def test_403_outlasting_the_budget_raises_unavailable(sb, monkeypatch, metrics):
+    with scripted(monkeypatch, sb, [WAF_403] * 10) as server:
+        hook = make_hook(max_tries=3)
+        with pytest.raises(BinanceUnavailable) as caught:
+            hook.ticker_price("BTCUSDT")
+        assert server.answered == [403, 403, 403]
+    error = caught.value
+    assert error.status == 403 and type(error) is BinanceUnavailable
+    assert "HTTP 403" in str(error) and gave_up(error)[0] == 3
+    assert metrics.count("binance.request.retry") == 2
+    assert requests_to(sb) == 0
 
 
 # -- the weight limiter under concurrent use ---------------------------------------------------------

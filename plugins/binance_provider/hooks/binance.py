@@ -1,26 +1,26 @@
-"""Binance spot REST hook: weight-aware rate limiting, retries with backoff, validated klines.
+"""Binance spot REST hook: weight-aware rate limiting, one bounded retry policy, validated klines.
 
 The hook speaks HTTP only: it pages through ``/api/v3/klines`` and hands back Binance's rows
-(validated, open candles dropped) with provenance in :class:`ResponseMeta`. What happens to
-the rows is the caller's business.
+(validated by :mod:`binance_provider.klines`, open candles dropped, rows that break a value rule
+set apart in ``rejected``) with provenance in :class:`ResponseMeta`. What happens to the rows is
+the caller's business.
 """
 
 from __future__ import annotations
 
 import logging
-import math
+import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import datetime, timezone
-from decimal import Decimal, InvalidOperation
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import backoff
 import requests
 from requests import Response, Session
 
@@ -40,6 +40,14 @@ from binance_provider.hooks.rate_limiter import (
     normalize_endpoint,
     request_weight,
 )
+from binance_provider.klines import (
+    MAX_KLINES_LIMIT,
+    KlineCheck,
+    KlineValidationError,
+    RejectedRow,
+    parse_decimal,
+    validate_klines,
+)
 from include.market_data.config import (
     BINANCE_CONN_ID,
     DEFAULT_BINANCE_HOST,
@@ -54,16 +62,17 @@ __all__ = [
     "BinanceHook",
     "BinanceRateLimited",
     "BinanceUnavailable",
+    "KlineCheck",
     "KlinePage",
     "KlineValidationError",
+    "RejectedRow",
     "ResponseMeta",
     "page_windows",
     "validate_klines",
 ]
 
 KLINES_ENDPOINT = "/api/v3/klines"
-MAX_KLINES_LIMIT = 1000
-KLINE_FIELDS = 12
+_FAR_FUTURE_MS = 2**53  # an open-ended window for validate_klines
 # Binance bans start at two minutes; used only if a 418 comes without Retry-After.
 DEFAULT_BAN_S = 120.0
 _TRANSPORT_ERRORS = (
@@ -98,10 +107,9 @@ class KlinePage:
     rows: list[list]  # 12-field rows as Binance sent them
     meta: ResponseMeta
     dropped_open: int  # candles still open at fetch time, left out of ``rows``
-
-
-class KlineValidationError(ValueError):
-    """A kline response breaks Binance's contract (the hook treats it as a malformed body)."""
+    # Well-formed rows that break a value rule (binance_provider.klines.ROW_RULES): left out of
+    # ``rows`` and not retried (Binance would serve them again); their slots stay holes.
+    rejected: list[RejectedRow] = dataclass_field(default_factory=list)
 
 
 # -- statsd through Airflow's stats backend; metrics must never break a request -------------------
@@ -114,113 +122,6 @@ def _emit(kind: str, name: str, *args: Any) -> None:
         getattr(stats, kind)(name, *args)
     except Exception:  # noqa: BLE001 - a metrics outage is not the caller's problem
         return
-
-
-# -- kline validation --------------------------------------------------------------------------
-
-# Positions of the decimal-string fields in a kline row, and their names for error messages.
-_DECIMAL_FIELDS = ((1, "open"), (2, "high"), (3, "low"), (4, "close"), (5, "volume"), (7, "quote_asset_volume"),
-                   (9, "taker_buy_base_asset_volume"), (10, "taker_buy_quote_asset_volume"))
-
-
-def _decimal(value: Any, field: str, index: int) -> Decimal:
-    if type(value) is not str:
-        raise KlineValidationError(f"row {index}: {field}={value!r} is not a decimal string")
-    try:
-        number = Decimal(value)
-    except InvalidOperation:
-        raise KlineValidationError(f"row {index}: {field}={value!r} is not a decimal") from None
-    if not number.is_finite():
-        raise KlineValidationError(f"row {index}: {field}={value!r} is not finite")
-    return number
-
-
-def _int(value: Any, field: str, index: int) -> int:
-    if type(value) is not int:  # bool and float are not accepted
-        raise KlineValidationError(f"row {index}: {field}={value!r} is not an integer")
-    return value
-
-
-_DECIMAL_POSITIONS = tuple(pos for pos, _ in _DECIMAL_FIELDS)
-
-
-def validate_klines(rows: Any, interval: str, start_ms: int, end_ms: int, limit: int = MAX_KLINES_LIMIT) -> list[list]:
-    """Check a ``/api/v3/klines`` body against Binance's contract and return it.
-
-    One fast pass compares floats (decimal -> float rounding is monotonic, so a ``<=`` that holds
-    exactly cannot fail here); a body it doubts goes through :func:`_validate_klines_exact`, the
-    ``Decimal`` checks that name the offending row. ~2.4 ms instead of ~4.3 ms per 1000 rows.
-    """
-    if type(rows) is not list or len(rows) > limit:
-        return _validate_klines_exact(rows, interval, start_ms, end_ms, limit)
-    previous_open = start_ms - 1
-    for row in rows:
-        try:
-            if type(row) is not list or len(row) != KLINE_FIELDS:
-                raise ValueError
-            open_time, close_time, trades = row[0], row[6], row[8]
-            if type(open_time) is not int or type(close_time) is not int or type(trades) is not int:
-                raise ValueError
-            fields = [row[pos] for pos in _DECIMAL_POSITIONS]
-            for text in fields:
-                if type(text) is not str:
-                    raise ValueError
-            o, h, l, c, v, q, tb, tq = map(float, fields)
-            if not (previous_open < open_time < end_ms and grid_open(open_time, interval) == open_time
-                    and close_time == next_open(open_time, interval) - 1
-                    and 0 <= l <= min(o, c) and max(o, c) <= h < math.inf and trades >= 0
-                    and 0 <= v < math.inf and 0 <= q < math.inf and 0 <= tb < math.inf and 0 <= tq < math.inf):
-                raise ValueError
-            previous_open = open_time
-        except ValueError:
-            return _validate_klines_exact(rows, interval, start_ms, end_ms, limit)
-    return rows
-
-
-def _validate_klines_exact(rows: Any, interval: str, start_ms: int, end_ms: int,
-                           limit: int = MAX_KLINES_LIMIT) -> list[list]:
-    """Check a ``/api/v3/klines`` body against Binance's contract and return it (exactly, with ``Decimal``).
-
-    Each row has 12 fields; times and trade counts are ints; prices and volumes are decimal
-    strings (read as ``Decimal``, never float) with ``low <= min(open, close)``,
-    ``high >= max(open, close)``, ``low >= 0`` and volumes ``>= 0``; ``open_time`` is on the
-    interval's grid inside ``[start_ms, end_ms)``, ``close_time`` is one millisecond before the
-    next open, and open times strictly ascend. Raises :class:`KlineValidationError` naming the
-    first offending row.
-    """
-    if type(rows) is not list:
-        raise KlineValidationError(f"klines body is {type(rows).__name__}, expected a list of rows")
-    if len(rows) > limit:
-        raise KlineValidationError(f"klines body has {len(rows)} rows, more than limit={limit}")
-    previous_open = start_ms - 1
-    for index, row in enumerate(rows):
-        if type(row) is not list or len(row) != KLINE_FIELDS:
-            raise KlineValidationError(f"row {index}: expected a list of {KLINE_FIELDS} fields, got {row!r:.200}")
-        open_time = _int(row[0], "open_time", index)
-        close_time = _int(row[6], "close_time", index)
-        trades = _int(row[8], "number_of_trades", index)
-        o, h, l, c, v, q, tb, tq = (_decimal(row[pos], name, index) for pos, name in _DECIMAL_FIELDS)
-        if open_time <= previous_open:
-            if open_time < start_ms:
-                raise KlineValidationError(f"row {index}: open_time {open_time} before the window start {start_ms}")
-            raise KlineValidationError(f"row {index}: open_time {open_time} does not ascend (after {previous_open})")
-        if open_time >= end_ms:
-            raise KlineValidationError(f"row {index}: open_time {open_time} at or after the window end {end_ms}")
-        previous_open = open_time
-        if grid_open(open_time, interval) != open_time:
-            raise KlineValidationError(f"row {index}: open_time {open_time} is not on the {interval} grid")
-        expected_close = next_open(open_time, interval) - 1
-        if close_time != expected_close:
-            raise KlineValidationError(
-                f"row {index}: close_time {close_time} != open_time + {interval} - 1 ms ({expected_close})"
-            )
-        if not (0 <= l <= min(o, c) and h >= max(o, c)):
-            raise KlineValidationError(
-                f"row {index}: prices inconsistent (open {row[1]}, high {row[2]}, low {row[3]}, close {row[4]})"
-            )
-        if v < 0 or q < 0 or tb < 0 or tq < 0 or trades < 0:
-            raise KlineValidationError(f"row {index}: negative volume or trade count in {row!r:.200}")
-    return rows
 
 
 def page_windows(start_ms: int, end_ms: int, interval: str, page_size: int = MAX_KLINES_LIMIT) -> Iterator[tuple[int, int]]:
@@ -263,7 +164,7 @@ def _check_window(start_ms: Any, end_ms: Any) -> None:
 
 
 class _Transient(Exception):
-    """A failure worth retrying with backoff: 5xx, timeout, connection error, malformed body."""
+    """A failure worth retrying with backoff: 5xx, 403 (WAF), timeout, connection error, malformed body."""
 
     def __init__(self, status: int | None, kind: str, detail: str) -> None:
         super().__init__(detail)
@@ -273,12 +174,13 @@ class _Transient(Exception):
 
 
 class _RetryAfter(Exception):
-    """A 429: the shared limiter now holds every thread until ``Retry-After`` has passed."""
+    """A 429: the shared limiter now holds every thread until ``resume_s`` (epoch seconds)."""
 
-    def __init__(self, code: int | None, msg: str) -> None:
+    def __init__(self, code: int | None, msg: str, resume_s: float) -> None:
         super().__init__(msg)
         self.code = code
         self.msg = msg
+        self.resume_s = resume_s
 
 
 @dataclass
@@ -346,17 +248,19 @@ class BinanceHook(HttpHook):
     Talk to Binance's spot REST API (or a compatible server such as the local sandbox).
 
     Every request goes through a weight-aware limiter shared by all hooks of the process that
-    talk to the same host, retries transient failures with exponential backoff and full
-    jitter, honours ``Retry-After`` on 429 for every thread, and stops calling a host that
-    answered 418 until the ban ends.
+    talk to the same host, retries transient failures (5xx, 403, timeouts, connection errors,
+    malformed bodies) with exponential backoff and full jitter, honours ``Retry-After`` on 429
+    for every thread, and stops calling a host that answered 418 until the ban ends. Transient
+    failures and 429s share one budget per call: ``max_tries`` attempts and ``max_time_s``.
 
     :param binance_conn_id: Airflow HTTP connection whose host is the API base URL; when it does
         not exist, ``https://data-api.binance.vision`` is used.
     :param settings: pipeline settings (rate-limit budget, window, concurrency); default
         :func:`include.market_data.config.load_settings`.
     :param timeout_s: connect and read timeout of each request.
-    :param max_tries: attempts per call for transient failures (and, separately, for 429s).
-    :param max_time_s: give up retrying a call after this many seconds.
+    :param max_tries: attempts per call in total, 429s and transient failures counted together.
+    :param max_time_s: no attempt of a call starts later than this many seconds after its first
+        (a retry whose backoff or Retry-After would end later is not made).
     :param backoff_factor_s: first backoff step; steps double up to ``backoff_cap_s``, each
         drawn uniformly from ``[0, step]`` (full jitter).
     """
@@ -494,10 +398,10 @@ class BinanceHook(HttpHook):
         :param extra_options: ``{"timeout": seconds}`` overrides ``timeout_s``; ``check_response``
             is ignored (statuses are always handled here).
         :param request_kwargs: ``weight=N`` for an endpoint missing from the weight table.
-        :raises BinanceAPIError: a 4xx other than 429/418 (never retried).
-        :raises BinanceRateLimited: still 429 after ``max_tries``.
+        :raises BinanceAPIError: a 4xx other than 429/418/403 (never retried).
+        :raises BinanceRateLimited: the retry budget ran out on a 429.
         :raises BinanceBanned: a 418, or a ban still in force (then nothing is sent).
-        :raises BinanceUnavailable: transient failures outlasted the retries.
+        :raises BinanceUnavailable: the retry budget ran out on a transient failure.
         """
         _, response, _ = self._call(
             endpoint,
@@ -531,44 +435,38 @@ class BinanceHook(HttpHook):
             timeout_s=timeout_s,
         )
 
-        def count_retry(_details: Any) -> None:
+        # One budget for every kind of retry: at most max_tries attempts, none starting later than
+        # max_time_s after the first. A transient failure backs off exponentially with full
+        # jitter; after a 429 the shared limiter holds every thread until Retry-After has passed,
+        # so the next attempt simply waits there.
+        started = time.monotonic()
+        deadline = started + self.max_time_s
+        while True:
+            try:
+                return self._attempt(call)
+            except (_Transient, _RetryAfter) as exc:
+                failure = exc
+            attempts = call.retries + 1
+            if isinstance(failure, _RetryAfter):
+                wait_s = max(0.0, failure.resume_s - time.time())
+            else:
+                step = min(self.backoff_cap_s, self.backoff_factor_s * 2 ** min(call.retries, 60))
+                wait_s = random.uniform(0, step)
+            now = time.monotonic()
+            if attempts >= self.max_tries or now + wait_s >= deadline:
+                limit = (f"max_tries={self.max_tries}" if attempts >= self.max_tries
+                         else f"max_time_s={self.max_time_s:g}")
+                spent = (f"gave up after {attempts} attempt{'s' if attempts != 1 else ''} "
+                         f"in {now - started:.1f} s, {limit} reached")
+                if isinstance(failure, _RetryAfter):
+                    raise BinanceRateLimited(429, failure.code, f"{failure.msg} ({spent})", path) from failure
+                raise BinanceUnavailable(
+                    failure.status, None, f"{failure.kind}: {failure.detail} ({spent})", path
+                ) from failure
             call.retries += 1
             _emit("incr", "binance.request.retry")
-
-        # Transient failures back off exponentially; a 429 waits in the shared limiter instead
-        # (until Retry-After), so its own backoff step is zero.
-        @backoff.on_exception(
-            backoff.expo,
-            _Transient,
-            max_tries=self.max_tries,
-            max_time=self.max_time_s,
-            jitter=backoff.full_jitter,
-            factor=self.backoff_factor_s,
-            max_value=self.backoff_cap_s,
-            on_backoff=count_retry,
-            logger=None,
-        )
-        @backoff.on_exception(
-            backoff.constant,
-            _RetryAfter,
-            interval=0,
-            jitter=None,
-            max_tries=self.max_tries,
-            max_time=self.max_time_s,
-            on_backoff=count_retry,
-            logger=None,
-        )
-        def attempt() -> tuple[Any, Response, ResponseMeta]:
-            return self._attempt(call)
-
-        try:
-            return attempt()
-        except _RetryAfter as exc:
-            raise BinanceRateLimited(429, exc.code, f"{exc.msg} (gave up after {call.retries + 1} attempts)", path) from exc
-        except _Transient as exc:
-            raise BinanceUnavailable(
-                exc.status, None, f"{exc.kind}: {exc.detail} (gave up after {call.retries + 1} attempts)", path
-            ) from exc
+            if isinstance(failure, _Transient):
+                time.sleep(wait_s)
 
     def _attempt(self, call: _Call) -> tuple[Any, Response, ResponseMeta]:
         session = self._session()
@@ -627,7 +525,7 @@ class BinanceHook(HttpHook):
             _emit("incr", "binance.rate_limited")
             self._record(call, status, started, used_weight, error=msg, retry_after_s=retry_after,
                          paused_until=datetime.fromtimestamp(resume, tz=timezone.utc).isoformat())
-            raise _RetryAfter(code, msg)
+            raise _RetryAfter(code, msg, resume)
         if status == 418:
             retry_after = _retry_after_s(response)
             until_s = time.time() + (retry_after if retry_after is not None else DEFAULT_BAN_S)
@@ -637,7 +535,7 @@ class BinanceHook(HttpHook):
             self._record(call, status, started, used_weight, error=msg, retry_after_s=retry_after)
             raise BinanceBanned(int(until_s * 1000), call.endpoint, msg, code=code)
         self._record(call, status, started, used_weight, error=msg)
-        if status >= 500:
+        if status >= 500 or status == 403:  # 403: Binance's WAF, which "can indicate a rate limit violation"
             raise _Transient(status, f"HTTP {status}", msg)
         raise BinanceAPIError(status, code, msg, call.endpoint)
 
@@ -729,7 +627,7 @@ class BinanceHook(HttpHook):
             _require(isinstance(body, dict) and body.get("symbol") == symbol,
                      f"{endpoint} body is not the ticker of {symbol}: {body!r:.100}")
             for field in required:
-                _decimal(body.get(field), field, 0)
+                parse_decimal(body.get(field), field, 0)
             return body
 
         body, _, meta = self._call(endpoint, {"symbol": symbol}, parse=parse, log_fields={"symbol": symbol})
@@ -756,8 +654,11 @@ class BinanceHook(HttpHook):
         """
         One ``/api/v3/klines`` request for open times in ``[start_ms, end_ms)``.
 
-        Rows are validated (a bad row counts as a malformed body and is retried); candles still
-        open at ``now_ms`` (default: when the response arrives) are dropped and counted.
+        The body is validated by :func:`binance_provider.klines.validate_klines`: a structurally
+        malformed one is retried like any transient failure; a well-formed row that breaks a value
+        rule is left out of ``rows``, logged (one warning per row) and listed in ``rejected``,
+        without a retry. Candles still open at ``now_ms`` (default: when the response arrives)
+        are dropped and counted.
         """
         validate_symbol(symbol, "symbol")
         _check_interval(interval)
@@ -771,12 +672,24 @@ class BinanceHook(HttpHook):
             "endTime": end_ms - 1,  # Binance's endTime is inclusive
             "limit": limit,
         }
-        rows, response, meta = self._call(
+        checked, response, meta = self._call(
             KLINES_ENDPOINT,
             params,
             parse=lambda response: validate_klines(_json_body(response), interval, start_ms, end_ms, limit),
             log_fields={"symbol": symbol, "interval": interval},
         )
+        rows = checked.rows
+        for rejected in checked.rejected:
+            self.log.warning(
+                "binance kline row rejected",
+                symbol=symbol,
+                interval=interval,
+                open_time=rejected.open_time_iso,
+                open_time_ms=rejected.open_time,
+                rules=list(rejected.rules),
+                reasons=list(rejected.messages),
+                values=rejected.values(),
+            )
         if now_ms is None:
             # "Closed" is the server's call: with our clock ahead of Binance's, a candle Binance
             # still builds would look closed. The Date header (whole seconds) keeps us on the safe side.
@@ -791,7 +704,28 @@ class BinanceHook(HttpHook):
             rows=closed,
             meta=meta,
             dropped_open=len(rows) - len(closed),
+            rejected=list(checked.rejected),
         )
+
+    def first_open_ms(self, symbol: str, interval: str) -> int | None:
+        """
+        Open time (epoch ms) of ``symbol``'s first ``interval`` candle, or ``None`` when Binance
+        has none: one ``/api/v3/klines?startTime=0&limit=1`` request (weight 2), through the same
+        limiter and retry budget as every call. Nothing before it is history, nor a gap.
+        """
+        validate_symbol(symbol, "symbol")
+        _check_interval(interval)
+        params = {"symbol": symbol, "interval": interval, "startTime": 0, "limit": 1}
+
+        def parse(response: Response) -> int | None:
+            checked = validate_klines(_json_body(response), interval, 0, _FAR_FUTURE_MS, limit=1)
+            # A first candle that breaks a value rule still tells when the symbol's history starts.
+            opens = [row[0] for row in checked.rows] + [row.open_time for row in checked.rejected]
+            return opens[0] if opens else None
+
+        first, _, _ = self._call(KLINES_ENDPOINT, params, parse=parse,
+                                 log_fields={"symbol": symbol, "interval": interval})
+        return first
 
     def iter_klines(
         self,

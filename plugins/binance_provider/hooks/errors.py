@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 
 class BinanceAPIError(Exception):
-    """Binance refused a request; a 4xx other than 429/418 is the caller's bug and is never retried.
+    """Binance refused a request; a 4xx other than 429/418/403 is the caller's bug and is never retried.
 
     :param status: HTTP status (``None`` when no response arrived, e.g. timeouts).
     :param code: Binance's error code from the JSON body (e.g. ``-1121``), when it sent one.
@@ -25,11 +25,16 @@ class BinanceAPIError(Exception):
 
 
 class BinanceRateLimited(BinanceAPIError):
-    """Still answered 429 after every retry the hook allows."""
+    """The call's retry budget (``max_tries`` attempts, ``max_time_s``) ran out, the last failure a 429.
+
+    The message says how many attempts were made and how long they took.
+    """
 
 
 class BinanceUnavailable(BinanceAPIError):
-    """Transient failures (5xx, timeouts, connection errors, malformed bodies) outlasted the retries."""
+    """The call's retry budget ran out on a transient failure (5xx, 403 from Binance's WAF,
+    timeout, connection error, malformed body); the message says how many attempts were made and
+    how long they took."""
 
 
 class BinanceBanned(BinanceAPIError):
