@@ -1,4 +1,8 @@
-"""One DAG per timeframe: binance_klines_<interval> — fetch -> gap_check -> write_raw -> curate.
+"""One DAG per timeframe: binance_klines_<interval> — plan -> fetch -> gap_check -> write_raw -> curate -> report.
+
+``fetch``, ``gap_check`` and ``write_raw`` are mapped over the run's symbols (``plan`` names
+them), so a bad or delisted symbol fails only its own task instances; ``curate`` takes every
+symbol that was written, and ``report`` fails the run naming the symbols that were not.
 
 Thin on purpose: the task bodies live in ``include.market_data.pipeline``; nothing heavy is
 imported at parse time (they are imported inside the tasks).
@@ -8,7 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_parsing_context, task
+from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_parsing_context, task, task_group
 
 from include.market_data.assets import curated_asset_uri
 from include.market_data.config import SYMBOL_PATTERN, load_settings
@@ -35,6 +39,17 @@ WRITER = {"max_active_tis_per_dag": 1} if ON_OBJECT_STORE else {}
 ISO_TIME_PATTERN = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:?\d{2})?)?$"
 
 
+# Mapped task instances are named after their symbol in the UI (set from inside the task: a
+# template over op_kwargs is not resolved yet inside a mapped task group).
+SYMBOL_LABEL = "{{ symbol_label }}"
+
+
+def _label(symbol: str) -> None:
+    from airflow.sdk import get_current_context
+
+    get_current_context()["symbol_label"] = symbol
+
+
 def schedule_for(interval: str) -> str:
     if interval in SLOW_INTERVALS and SETTINGS.slow_intervals_schedule == "15m":
         return CLOSE_SCHEDULES["15m"]
@@ -48,7 +63,7 @@ def curated_asset(interval: str) -> Asset:
 def build_dag(interval: str):
     @dag(
         dag_id=f"binance_klines_{interval}",
-        description=f"Binance {interval} klines: fetch -> gap_check -> write_raw -> curate",
+        description=f"Binance {interval} klines: plan -> fetch -> gap_check -> write_raw (per symbol) -> curate -> report",
         schedule=CronDataIntervalTimetable(schedule_for(interval), timezone="UTC"),
         start_date=datetime(SETTINGS.ingest_start.year, SETTINGS.ingest_start.month, SETTINGS.ingest_start.day,
                             tzinfo=timezone.utc),
@@ -77,32 +92,56 @@ def build_dag(interval: str):
         doc_md=__doc__,
     )
     def klines_dag():
-        # A run whose window is not closed yet fails fast and retries shortly (WindowNotClosed).
-        @task(pool=SETTINGS.pool, retries=12, retry_delay=timedelta(seconds=30), retry_exponential_backoff=False)
-        def fetch(data_interval_start=None, data_interval_end=None, params=None, run_id=None) -> dict:
+        @task
+        def plan(data_interval_start=None, data_interval_end=None, params=None) -> list[str]:
             from include.market_data import pipeline
 
-            return pipeline.fetch(interval, data_interval_start, data_interval_end, dict(params or {}), run_id)
+            return pipeline.plan(interval, data_interval_start, data_interval_end, dict(params or {}))
 
-        @task(pool=SETTINGS.pool, **WRITER)
+        # One task instance per symbol (a mapped task group, below); the UI names each by its symbol.
+        @task(pool=SETTINGS.pool, map_index_template=SYMBOL_LABEL)
+        def fetch(symbol: str, data_interval_start=None, data_interval_end=None, params=None, run_id=None) -> dict:
+            from include.market_data import pipeline
+
+            _label(symbol)
+            return pipeline.fetch(interval, symbol, data_interval_start, data_interval_end, dict(params or {}), run_id)
+
+        @task(pool=SETTINGS.pool, map_index_template=SYMBOL_LABEL, **WRITER)
         def gap_check(fetched: dict) -> dict:
             from include.market_data import pipeline
 
+            _label(fetched["symbol"])
             return pipeline.check_gaps(fetched)
 
-        @task(**WRITER)
+        # In the Binance pool too: cleared after its staging was removed, it fetches again.
+        @task(pool=SETTINGS.pool, map_index_template=SYMBOL_LABEL, **WRITER)
         def write_raw(checked: dict) -> dict:
             from include.market_data import pipeline
 
+            _label(checked["symbol"])
             return pipeline.write_raw(checked)
 
-        @task(outlets=[curated_asset(interval)], **WRITER)
-        def curate(written: dict) -> dict:
+        # all_done: the symbols that were written are curated even when another symbol failed.
+        @task(outlets=[curated_asset(interval)], trigger_rule="all_done", **WRITER)
+        def curate(written) -> dict:
             from include.market_data import pipeline
 
-            return pipeline.curate(written)
+            return pipeline.curate(interval, written)
 
-        curate(write_raw(gap_check(fetch())))
+        @task(trigger_rule="all_done")
+        def report(planned: list[str], written) -> dict:
+            from include.market_data import pipeline
+
+            return pipeline.report(interval, planned, written)
+
+        # A mapped task group: each symbol's gap_check and write_raw depend on its own fetch only.
+        @task_group(prefix_group_id=False)
+        def ingest_symbol(symbol: str):
+            return write_raw(gap_check(fetch(symbol)))
+
+        symbols = plan()
+        written = ingest_symbol.expand(symbol=symbols)
+        curate(written) >> report(symbols, written)
 
     return klines_dag()
 

@@ -72,7 +72,9 @@ def signal_date(data_interval_end: datetime) -> str:
     start_date=datetime(SETTINGS.ingest_start.year, SETTINGS.ingest_start.month, SETTINGS.ingest_start.day,
                         tzinfo=timezone.utc) + timedelta(days=FIRST_SIGNAL_AFTER_DAYS),
     catchup=False,
-    max_active_runs=4,
+    # signals.parquet is read-modify-written under a file lock; object stores have none, so there one
+    # run at a time (and one generate_signal at a time, backfills included: see binance_klines.py)
+    max_active_runs=1 if "://" in SETTINGS.signal_data_dir.removeprefix("file://") else 4,
     dagrun_timeout=timedelta(hours=12),
     tags=["binance", "market-data", "signal"],
     default_args={
@@ -106,7 +108,8 @@ def daily_signal():
         result = DataSignal().poke(signal_date(data_interval_end), params["symbol"], deadline=deadline)
         return PokeReturnValue(is_done=result["done"], xcom_value=result)
 
-    @task(inlets=[_curated_asset(interval) for interval in SIGNAL_INTERVALS], outlets=[_signal_asset()])
+    @task(inlets=[_curated_asset(interval) for interval in SIGNAL_INTERVALS], outlets=[_signal_asset()],
+          max_active_tis_per_dag=1 if "://" in SETTINGS.signal_data_dir.removeprefix("file://") else None)
     def generate_signal(waited: dict, data_interval_end=None, params=None) -> dict:
         from include.market_data.signal import DataSignal
 

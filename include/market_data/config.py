@@ -60,6 +60,7 @@ class Settings:
     recommendation_hour: int = 12
     recommendation_minute: int = 0
     log_level: str = "INFO"
+    quarantine_retention_days: int = 30
 
     @property
     def rate_limit_budget(self) -> int:
@@ -170,6 +171,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         recommendation_hour=int(match[1]),
         recommendation_minute=int(match[2]),
         log_level=log_level,
+        quarantine_retention_days=_int(env, "QUARANTINE_RETENTION_DAYS", 30, 0),
     )
     if settings.rate_limit_budget < MAX_REQUEST_WEIGHT:
         raise ConfigError(

@@ -24,10 +24,15 @@ from include.market_data import observability
 from include.market_data.config import Settings, load_settings
 from include.market_data.features import FEATURE_COLUMNS, WARMUP_CANDLES, compute_features
 from include.market_data.schema import DECIMAL_COLUMNS, RAW_COLUMNS, TIME_TYPE
-from include.market_data.storage import CuratedStore, RawStore
+from include.market_data.storage import CuratedStore, RawStore, prune_quarantine
 from include.market_data.timeframes import DAY_MS, WEEK_ORIGIN_MS, day_start_ms, interval_ms, ms_to_utc, to_ms
 
 log = observability.get_logger(__name__)
+
+# The curated files' own schema version (the ``schema_version`` metadata of each day file), apart
+# from raw's. Bump it when CURATED_SCHEMA's columns change: a day file of an older version (or with
+# other columns) is then rebuilt whole, for every configured symbol, by the next curation touching it.
+CURATED_SCHEMA_VERSION = "1"
 
 CURATED_SCHEMA = pa.schema(
     [pa.field("symbol", pa.string(), nullable=False)]
@@ -131,8 +136,10 @@ class DataCuration:
         self.raw = RawStore(self.settings.raw_data_dir)
         self.curated = CuratedStore(self.settings.curated_data_dir)
 
-    def curate_timeframe(self, interval: str, symbol: str = "BTCUSDT", start=None, end=None) -> CurationSummary:
-        """Curate every raw day of ``symbol`` in ``[start, end)`` (all days when no range)."""
+    def curate_timeframe(self, interval: str, symbol: str | None = None, start=None, end=None) -> CurationSummary:
+        """Curate every raw day of ``symbol`` (default: the first of BINANCE_SYMBOLS) in ``[start, end)``
+        (all days when no range)."""
+        symbol = self.settings.symbols[0] if symbol is None else symbol
         self._check(interval, symbol)
         days = self.raw.days(interval, symbol)
         if start is not None or end is not None:
@@ -160,7 +167,7 @@ class DataCuration:
         wanted = sorted({day_start_ms(d) for d in days})
         # Read raw -> compute -> write is one critical section per (interval, symbol): a slower
         # run that read older raw must not overwrite a newer run's result.
-        with self.curated.io.lock(self.curated.root / f"{interval}_{symbol}.curate"):
+        with self.curated.io.lock(self.curated.root / f"{interval}_{symbol}.curate", tier="section"):
             available = self._available_near(interval, symbol, wanted, follow_warmup)
             available_set = set(available)
             for day in wanted:
@@ -178,6 +185,8 @@ class DataCuration:
             if targets:
                 self._curate_span(interval, symbol, targets, available, summary)
         self._restore_other_symbols(interval, symbol)
+        if follow_warmup:
+            self._prune_quarantine()
         summary.seconds = round(time.monotonic() - started, 3)
         observability.incr(f"curate.{interval}.rows", summary.rows)
         observability.timing(f"curate.{interval}.duration", summary.seconds * 1000)
@@ -195,6 +204,14 @@ class DataCuration:
                         days=[ms_to_utc(d).date().isoformat() for d in lost], status="restored")
             for each in self.settings.symbols:
                 self.curate_days(interval, each, lost, follow_warmup=False)
+
+    def _prune_quarantine(self) -> None:
+        """Housekeeping of an incremental curation (the DAG's ``curate``): curated files quarantined
+        more than QUARANTINE_RETENTION_DAYS ago are deleted. It never fails the curation."""
+        try:
+            prune_quarantine(self.curated.root, self.settings.quarantine_retention_days)
+        except OSError as exc:
+            log.warning("quarantine pruning failed", path=str(self.curated.root), error=str(exc), status="error")
 
     def _restore_other_symbols(self, interval: str, symbol: str) -> None:
         """A curated day file that could not be read was quarantined and rewritten with this
@@ -249,39 +266,67 @@ class DataCuration:
         starts_history = len(chosen) == len(before)
         return pa.concat_tables([warm, body]), starts_history
 
-    def _curate_span(self, interval: str, symbol: str, targets: list[int], available: list[int],
-                     summary: CurationSummary) -> None:
+    def _compute(self, interval: str, symbol: str, targets: list[int],
+                 available: list[int]) -> tuple[pa.Table, np.ndarray] | None:
+        """Curated rows (CURATED_SCHEMA) from the warm-up before ``targets[0]`` to the end of
+        ``targets[-1]``, sorted by open_time, and each row's UTC day; ``None`` without raw rows."""
         table, starts_history = self._read_with_warmup(interval, symbol, targets[0], targets[-1], available)
         table = table.sort_by("open_time")
         if table.num_rows == 0:
-            return
+            return None
         features = compute_features(_to_frame(table), interval, starts_history=starts_history)
         times = pc.cast(table.column("open_time"), pa.int64()).to_numpy()
-        row_days = times // DAY_MS * DAY_MS
-        target_set = set(targets)
-        present = {d for d in np.unique(row_days).tolist()}
-        for day in targets:
-            if day not in present:
-                summary.skipped[ms_to_utc(day).date().isoformat()] = "raw partition unreadable (quarantined)"
         columns = {"symbol": pa.array([symbol] * table.num_rows, pa.string())}
         columns.update({name: table.column(name) for name in RAW_COLUMNS})
         for name in FEATURE_COLUMNS:
             values = features[name].to_numpy()
             columns[name] = pa.array(values, pa.int64() if name == "gap_before" else pa.float64(),
                                      from_pandas=True)
+        return pa.Table.from_pydict(columns, schema=CURATED_SCHEMA), times // DAY_MS * DAY_MS
+
+    def _whole_day(self, interval: str, day: int, symbol: str, rows: pa.Table) -> pa.Table:
+        """Every configured symbol's curated rows of ``day``: ``rows`` for ``symbol``, the others'
+        computed afresh from raw (called under the day file's lock, so no newer write is lost)."""
+        parts = [rows]
+        for other in self.settings.symbols:
+            if other == symbol:
+                continue
+            available = self._available_near(interval, other, [day], follow_warmup=False)
+            if day not in available:
+                continue  # no raw for that symbol and day: it has no curated rows either
+            computed = self._compute(interval, other, [day], available)
+            if computed is not None:
+                curated, row_days = computed
+                lo, hi = np.searchsorted(row_days, [day, day + DAY_MS])
+                parts.append(curated.slice(int(lo), int(hi - lo)))
+        return pa.concat_tables(parts)
+
+    def _curate_span(self, interval: str, symbol: str, targets: list[int], available: list[int],
+                     summary: CurationSummary) -> None:
+        computed = self._compute(interval, symbol, targets, available)
+        if computed is None:
+            return
+        curated, row_days = computed
+        times = pc.cast(curated.column("open_time"), pa.int64()).to_numpy()
+        target_set = set(targets)
+        present = {d for d in np.unique(row_days).tolist()}
+        for day in targets:
+            if day not in present:
+                summary.skipped[ms_to_utc(day).date().isoformat()] = "raw partition unreadable (quarantined)"
         if not target_set & present:
             return  # every target day was unreadable (quarantined): nothing to write
-        curated = pa.Table.from_pydict(columns, schema=CURATED_SCHEMA)
         targeted = curated.filter(pa.array(np.isin(row_days, sorted(target_set & present))))
         validate_curated(targeted, interval)  # once for the stretch; merges re-check only shared days
-        metadata = {"symbol": symbol, "source": str(self.raw.root), "curated_at": ms_to_utc(int(time.time() * 1000)).isoformat()}
+        metadata = {"symbol": symbol, "source": str(self.raw.root), "schema_version": CURATED_SCHEMA_VERSION,
+                    "curated_at": ms_to_utc(int(time.time() * 1000)).isoformat()}
         for day in sorted(target_set & present):
             # rows are sorted by open_time, so each day is one contiguous slice
             lo, hi = np.searchsorted(row_days, [day, day + DAY_MS])
             rows = curated.slice(int(lo), int(hi - lo))
             self.curated.write_day(interval, symbol, day, rows, metadata,
                                    validate=lambda merged: validate_curated(merged, interval),
-                                   new_validated=True)
+                                   new_validated=True,
+                                   rebuild=lambda day=day, rows=rows: self._whole_day(interval, day, symbol, rows))
             summary.days_written.append(ms_to_utc(day).date().isoformat())
             summary.rows += rows.num_rows
             first, last = times[lo], times[hi - 1]

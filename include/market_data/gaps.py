@@ -4,17 +4,23 @@ A hole that stays empty after refetching is a *known gap*
 (``RAW_DATA_DIR/_gaps/<SYMBOL>_<interval>.parquet``): it is never filled with invented
 rows, and it is re-checked with a decaying frequency (1 h, 2 h, 4 h, ... capped at a
 week) instead of on every run.
+
+Beside it, :class:`SeriesState` (``_gaps/<SYMBOL>_<interval>.state.json``) keeps the rest of
+what the gap check must remember about a series: the symbol's first candle on Binance
+(nothing before it is history, nor a gap) and the days whose partition was quarantined,
+until every slot of them is back or is a known gap.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
 import pyarrow as pa
 
-from include.market_data.storage import PartitionIO
+from include.market_data.storage import PartitionIO, atomic_write
 from include.market_data.timeframes import HOUR_MS, grid, interval_ms
 
 RECHECK_BASE_MS = HOUR_MS
@@ -172,3 +178,69 @@ class GapRegistry:
         return pa.Table.from_arrays(arrays, schema=GAP_SCHEMA)
 
 
+
+
+class SeriesState:
+    """``_gaps/<SYMBOL>_<interval>.state.json``: the first candle of the series and the days whose
+    partition was quarantined and is not whole again yet. Updated under a lock, written atomically."""
+
+    def __init__(self, raw_root: str, symbol: str, interval: str):
+        self.io = PartitionIO(raw_root)
+        self.symbol = symbol
+        self.interval = interval
+        self.path = self.io.root / GAPS_DIR / f"{symbol}_{interval}.state.json"
+
+    def load(self) -> dict:
+        if not self.path.exists():
+            return {}
+        try:
+            state = json.loads(self.path.read_bytes())
+        except ValueError:  # unreadable: start over (the first candle is looked up again)
+            return {}
+        return state if isinstance(state, dict) else {}
+
+    def _update(self, change) -> dict:
+        # tier "record": a quarantine inside a partition merge updates this under the partition's lock
+        with self.io.lock(self.path, tier="record"):
+            state = self.load()
+            if change(state) is False:
+                return state
+            body = json.dumps(state, sort_keys=True).encode()
+            atomic_write(self.path, lambda handle: handle.write(body))
+            return state
+
+    @property
+    def first_open_ms(self) -> int | None:
+        value = self.load().get("first_open_ms")
+        return value if isinstance(value, int) else None
+
+    def set_first_open_ms(self, value: int) -> None:
+        def change(state):
+            if state.get("first_open_ms") == value:
+                return False
+            state["first_open_ms"] = int(value)
+        self._update(change)
+
+    def quarantined_days(self) -> list[int]:
+        return sorted(int(d) for d in self.load().get("quarantined_days", []))
+
+    def add_quarantined_day(self, day_ms: int) -> None:
+        def change(state):
+            days = set(state.get("quarantined_days", []))
+            if day_ms in days:
+                return False
+            state["quarantined_days"] = sorted(days | {int(day_ms)})
+        self._update(change)
+
+    def drop_quarantined_days(self, days) -> None:
+        gone = {int(d) for d in days}
+        if not gone:
+            return
+
+        def change(state):
+            before = state.get("quarantined_days", [])
+            after = [d for d in before if d not in gone]
+            if after == before:
+                return False
+            state["quarantined_days"] = after
+        self._update(change)

@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 
 from include.market_data import observability
 from include.market_data.config import BINANCE_CONN_ID, Settings, load_settings, validate_symbol
-from include.market_data.gaps import GapRegistry, missing_ranges, slot_count
+from include.market_data.gaps import GapRegistry, SeriesState, missing_ranges, slot_count
 from include.market_data.schema import RAW_COLUMNS, RAW_SCHEMA, decimal_places, rows_to_table, validate_raw
-from include.market_data.storage import RawStore, resolve_root
+from include.market_data.storage import RawStore, refuse_open_candles, resolve_root
 from include.market_data.timeframes import (
     DAY_MS, ceil_to_grid, closed_end, day_start_ms, floor_to_grid, interval_ms, ms_to_utc, now_ms, to_ms,
 )
@@ -35,8 +35,15 @@ log = observability.get_logger(__name__)
 
 STAGING_DIR = "_staging"
 PROGRESS_EVERY_S = 10.0
-# How long after a candle closes Binance may take to serve it before a hole counts as an outage.
+# How long after a candle closes Binance may take to serve it before a hole counts as an outage;
+# the gap check polls for such candles every PUBLISH_POLL_S until then (inside the task).
 PUBLISH_GRACE_MS = 5 * 60_000
+PUBLISH_POLL_S = 10.0
+# Quarantined days one run refetches at most (each is one request or two): the rest wait for the next run.
+MAX_QUARANTINED_DAYS_PER_RUN = 31
+# Indirections so tests can run the bounded polls without waiting.
+_sleep = time.sleep
+_monotonic = time.monotonic
 # Provenance travels with each staged row so each day partition gets the metadata of
 # the response its rows came from.
 STAGING_SCHEMA = RAW_SCHEMA.append(pa.field("_fetched_at", pa.string())).append(
@@ -49,7 +56,11 @@ class InvalidInput(ValueError):
 
 
 class WindowNotClosed(RuntimeError):
-    """The window's last candle has not closed yet: retry shortly instead of finishing short."""
+    """The window's last candle has not closed yet: wait for it instead of finishing short."""
+
+    def __init__(self, message: str, closes_at_ms: int | None = None):
+        super().__init__(message)
+        self.closes_at_ms = closes_at_ms
 
 
 # -- where candles come from ---------------------------------------------------------------
@@ -70,6 +81,12 @@ class KlineSource(Protocol):
     def batches(self, symbol: str, interval: str, start_ms: int, end_ms: int) -> Iterator[KlineBatch]:
         """Closed candles with ``open_time`` in ``[start_ms, end_ms)``, in time order."""
 
+    def first_open_ms(self, symbol: str, interval: str) -> int | None:
+        """Open time of the symbol's first candle (``None``: no candle yet)."""
+
+    def symbol_status(self, symbol: str) -> str | None:
+        """The exchange's trading status of ``symbol`` (``TRADING``, ``BREAK``, ...)."""
+
 
 class BinanceRestSource:
     """Candles from Binance's REST API through :class:`BinanceHook`."""
@@ -86,7 +103,19 @@ class BinanceRestSource:
         for page in self.hook.iter_klines(symbol, interval, start_ms, end_ms,
                                           concurrency=self.settings.max_concurrency):
             meta = page.meta
+            if getattr(page, "rejected", None):
+                # Rows breaking the row contract (the hook logged each): their slots stay holes,
+                # re-checked by the gap check like any other.
+                observability.incr(f"ingest.{interval}.rows_rejected", len(page.rejected))
             yield KlineBatch(page.rows, meta.source, meta.endpoint, meta.fetched_at, meta.latency_ms)
+
+    def first_open_ms(self, symbol: str, interval: str) -> int | None:
+        return self.hook.first_open_ms(symbol, interval)
+
+    def symbol_status(self, symbol: str) -> str | None:
+        body, _ = self.hook.exchange_info(symbol)
+        entry = next((s for s in body.get("symbols", []) if s.get("symbol") == symbol), None)
+        return None if entry is None else entry.get("status")
 
 
 # -- windows -----------------------------------------------------------------------------
@@ -105,6 +134,11 @@ class Window:
     def describe(self) -> str:
         return f"[{ms_to_utc(self.start_ms).isoformat()}, {ms_to_utc(self.end_ms).isoformat()})"
 
+    def clipped_to(self, history_start_ms: int) -> "Window":
+        """The part of the window from the series' first candle on (nothing before it is requested)."""
+        start = max(self.start_ms, ceil_to_grid(history_start_ms, self.interval))
+        return Window(self.interval, min(start, self.end_ms), self.end_ms)
+
 
 def check_interval(interval: str, settings: Settings) -> str:
     if interval not in settings.intervals:
@@ -118,6 +152,15 @@ def check_symbol(symbol: str) -> str:
         return validate_symbol(symbol, "symbol")
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
+
+
+def configured_symbol(symbol: str | None, settings: Settings) -> str:
+    """``symbol`` (default: the first of BINANCE_SYMBOLS), refused unless it is configured: curation
+    and the signal only know the configured symbols."""
+    symbol = check_symbol(settings.symbols[0] if symbol is None else symbol)
+    if symbol not in settings.symbols:
+        raise InvalidInput(f"symbol={symbol!r} is not in BINANCE_SYMBOLS ({','.join(settings.symbols)})")
+    return symbol
 
 
 def _parse_time(value, name: str) -> int:
@@ -151,7 +194,7 @@ def resolve_window(interval: str, start, end, *, settings: Settings, now: int | 
         if require_closed:
             raise WindowNotClosed(
                 f"{interval} window ends {ms_to_utc(aligned_end).isoformat()} but the newest closed candle "
-                f"ends {ms_to_utc(last_closed_end).isoformat()}; retrying until it closes")
+                f"ends {ms_to_utc(last_closed_end).isoformat()}", closes_at_ms=aligned_end)
         aligned_end = last_closed_end
     return Window(interval, aligned_start, max(aligned_start, aligned_end))
 
@@ -185,6 +228,40 @@ def _staging_writer(path) -> Iterator[pq.ParquetWriter]:
 
 
 @dataclass
+class StageSummary:
+    path: str | None
+    pages: int = 0
+    candles: int = 0
+    open_times: list[int] = field(default_factory=list)
+
+
+def stage_ranges(source: KlineSource, symbol: str, interval: str, ranges: list[tuple[int, int]], path,
+                 *, progress: bool = False) -> StageSummary:
+    """Page ``ranges`` (half-open, on ``open_time``) from ``source`` into one staging file at ``path``."""
+    summary = StageSummary(str(path))
+    step = interval_ms(interval)
+    total_pages = sum(-(-((end - start) // step) // 1000) for start, end in ranges) or 1
+    started = last_report = time.monotonic()
+    with _staging_writer(path) as writer:
+        for start, end in ranges:
+            for batch in source.batches(symbol, interval, start, end):
+                summary.pages += 1
+                if batch.rows:
+                    writer.write_table(_batch_table(batch))
+                    summary.candles += len(batch.rows)
+                    summary.open_times.extend(row[0] for row in batch.rows)
+                if progress and time.monotonic() - last_report >= PROGRESS_EVERY_S:
+                    last_report = time.monotonic()
+                    elapsed = last_report - started
+                    fraction = min(summary.pages / total_pages, 1.0)
+                    log.info("fetch progress", symbol=symbol, interval=interval,
+                             pages=summary.pages, pages_total=total_pages, candles=summary.candles,
+                             percent=round(100 * fraction, 1),
+                             eta_s=round(elapsed / fraction - elapsed, 1) if fraction else None)
+    return summary
+
+
+@dataclass
 class FetchSummary:
     symbol: str
     interval: str
@@ -201,22 +278,8 @@ def fetch_to_staging(source: KlineSource, symbol: str, window: Window, path) -> 
     if window.slots == 0:
         summary.path = None
         return summary
-    total_pages = -(-window.slots // 1000)
-    started = last_report = time.monotonic()
-    with _staging_writer(path) as writer:
-        for batch in source.batches(symbol, window.interval, window.start_ms, window.end_ms):
-            summary.pages += 1
-            if batch.rows:
-                writer.write_table(_batch_table(batch))
-                summary.candles += len(batch.rows)
-            if time.monotonic() - last_report >= PROGRESS_EVERY_S:
-                last_report = time.monotonic()
-                elapsed = last_report - started
-                fraction = min(summary.pages / total_pages, 1.0)
-                log.info("fetch progress", symbol=symbol, interval=window.interval,
-                         pages=summary.pages, pages_total=total_pages, candles=summary.candles,
-                         percent=round(100 * fraction, 1),
-                         eta_s=round(elapsed / fraction - elapsed, 1) if fraction else None)
+    staged = stage_ranges(source, symbol, window.interval, [(window.start_ms, window.end_ms)], path, progress=True)
+    summary.pages, summary.candles = staged.pages, staged.candles
     return summary
 
 
@@ -227,6 +290,29 @@ def read_staged(paths: list[str]) -> pa.Table:
             with resolve_root(location).open("rb") as handle:
                 tables.append(pq.read_table(handle))
     return pa.concat_tables(tables) if tables else STAGING_SCHEMA.empty_table()
+
+
+def staged_exists(location: str | None) -> bool:
+    return bool(location) and resolve_root(location).exists()
+
+
+# -- where a series' history begins ------------------------------------------------------
+def history_start_ms(source: KlineSource, state: SeriesState, settings: Settings, symbol: str,
+                     interval: str) -> int:
+    """Where the series' history begins: the symbol's first candle on Binance (looked up once, then
+    kept with the gap registry), never before INGEST_START's grid slot. Nothing before it is a gap
+    and nothing before it is requested."""
+    floor = floor_to_grid(settings.ingest_start_ms, interval)
+    first = state.first_open_ms
+    if first is None:
+        lookup = getattr(source, "first_open_ms", None)
+        first = lookup(symbol, interval) if lookup is not None else None
+        if first is None:  # no candle yet (or a source that cannot tell): nothing to remember
+            return floor
+        state.set_first_open_ms(first)
+        log.info("first candle", symbol=symbol, interval=interval, first_open=ms_to_utc(first).isoformat(),
+                 status="ok")
+    return max(floor, first)
 
 
 # -- gap check ---------------------------------------------------------------------------
@@ -241,6 +327,7 @@ class GapSummary:
     known_gap_slots: int = 0
     skipped_known_slots: int = 0
     refetched_ranges: list[tuple[int, int]] = field(default_factory=list)
+    quarantined_days: list[int] = field(default_factory=list)
     path: str | None = None
 
 
@@ -249,9 +336,10 @@ def gap_check(source: KlineSource, store: RawStore, registry: GapRegistry, symbo
               history_start_ms: int | None = None) -> GapSummary:
     """Find missing slots in ``window`` plus the lookback, refetch them, record Binance's holes.
 
-    ``floor_ms``: nothing before it is checked. ``history_start_ms``: where history may begin
-    (the grid slot of INGEST_START); empty slots from there up to the first candle precede the
-    symbol's listing and are no gap.
+    ``floor_ms``: nothing before it is checked. ``history_start_ms``: where the series' history
+    begins (its first candle): slots before it are no gap. Every run also refetches whole the
+    days on the quarantine record, wherever they lie, and a scheduled run (``lookback_days``)
+    the known gaps due for a re-check.
     """
     interval = window.interval
     checked_end = window.end_ms
@@ -262,48 +350,38 @@ def gap_check(source: KlineSource, store: RawStore, registry: GapRegistry, symbo
         newest = _newest_close_before(store, symbol, interval, max(floor_ms, checked_start))
         if newest is not None:
             checked_start = min(checked_start, newest + 1)
-    checked_start = ceil_to_grid(max(floor_ms, checked_start), interval)
+    series_start = floor_ms if history_start_ms is None else history_start_ms
+    checked_start = ceil_to_grid(max(floor_ms, series_start, checked_start), interval)
     summary = GapSummary(symbol, interval, checked_start, checked_end, path=None)
-    if checked_end <= checked_start:
-        return summary
-    staged_times = pc.cast(read_staged(staged).column("open_time"), pa.int64()).to_numpy()
-    stored_times = store.open_times(interval, symbol, checked_start, checked_end)
-    present = np.concatenate([staged_times, stored_times])
-    if history_start_ms is not None and checked_start <= history_start_ms and present.size:
-        # Slots before the symbol's first candle on Binance are not a gap (BTCUSDT opens 04:00 on
-        # INGEST_START's day).
-        checked_start = summary.checked_start_ms = max(checked_start, int(present.min()))
-    holes = missing_ranges(present, checked_start, checked_end, interval)
-    summary.gaps_filled = registry.resolve(holes, checked_start, checked_end)
+    holes: list[tuple[int, int]] = []
+    if checked_end > checked_start:
+        staged_times = pc.cast(read_staged(staged).column("open_time"), pa.int64()).to_numpy()
+        stored_times = store.open_times(interval, symbol, checked_start, checked_end)
+        holes = missing_ranges(np.concatenate([staged_times, stored_times]), checked_start, checked_end, interval)
+        summary.gaps_filled = registry.resolve(holes, checked_start, checked_end)
     if lookback_days:
-        # A scheduled run also takes, beyond its checked range, the known gaps due for a
-        # re-check and the days whose partition was quarantined (unreadable) and never refetched.
+        # Known gaps due for a re-check, wherever they lie.
         holes += registry.due_outside(checked_start, checked_end, now)
-        for day in store.quarantined_days(interval, symbol):
-            if floor_ms <= day < checked_end:  # the whole day: its part before checked_start is lost too
-                holes += missing_ranges(np.empty(0, np.int64), day, min(day + DAY_MS, checked_end), interval)
-        holes = _merged(holes)
+    # A quarantined day is refetched whole, whoever touches it first: the record keeps it until
+    # every slot is back or is a known gap (see settle_quarantined).
+    last_closed = closed_end(now, interval)
+    for day in store.quarantined_days(interval, symbol)[:MAX_QUARANTINED_DAYS_PER_RUN]:
+        day_start, day_end = ceil_to_grid(max(day, series_start), interval), min(day + DAY_MS, last_closed)
+        if day_start < day_end:
+            summary.quarantined_days.append(day)
+            holes += missing_ranges(np.empty(0, np.int64), day_start, day_end, interval)
+    holes = _merged(holes)
     summary.gaps_found = slot_count(holes, interval)
     refetch, skipped = registry.to_refetch(holes, now)
     summary.skipped_known_slots = slot_count(skipped, interval)
     summary.refetched_ranges = refetch
     if not refetch:
         return summary
-    refetched = []
-    with _staging_writer(path) as writer:
-        for start, end in refetch:
-            for batch in source.batches(symbol, interval, start, end):
-                if batch.rows:
-                    writer.write_table(_batch_table(batch))
-                    refetched.extend(row[0] for row in batch.rows)
+    staged_refetch = stage_ranges(source, symbol, interval, refetch, path)
     summary.path = str(path)
-    found = np.asarray(refetched, dtype=np.int64)
+    found = np.asarray(staged_refetch.open_times, dtype=np.int64)
     still_missing = [r for start, end in refetch for r in missing_ranges(found, start, end, interval)]
-    if any(end == checked_end for _, end in still_missing) and now - checked_end < PUBLISH_GRACE_MS:
-        # The newest candles just closed: Binance may not have published them yet. That is
-        # not an outage; fail so the task retries shortly instead of recording a gap.
-        raise WindowNotClosed(f"{symbol} {interval}: candles from {ms_to_utc(still_missing[-1][0]).isoformat()} "
-                              f"closed under {PUBLISH_GRACE_MS // 1000} s ago and are not on Binance yet; retrying")
+    still_missing = _wait_for_publication(source, symbol, interval, still_missing, checked_end, now, path)
     summary.gaps_filled += summary.gaps_found - summary.skipped_known_slots - slot_count(still_missing, interval)
     known = registry.record(refetch, still_missing, now)
     summary.known_gap_slots = sum(g.missing_slots for g in known
@@ -312,6 +390,56 @@ def gap_check(source: KlineSource, store: RawStore, registry: GapRegistry, symbo
         log.warning("binance lacks candles", symbol=symbol, interval=interval, status="known_gap",
                     ranges=[f"{ms_to_utc(s).isoformat()}/{ms_to_utc(e).isoformat()}" for s, e in still_missing])
     return summary
+
+
+def _wait_for_publication(source: KlineSource, symbol: str, interval: str, still_missing: list[tuple[int, int]],
+                          checked_end: int, now: int, path) -> list[tuple[int, int]]:
+    """Candles that closed under PUBLISH_GRACE_MS ago may not be served yet: that is no outage.
+    Poll for them (inside the task: waiting is not failing) until they arrive or the grace has
+    passed; then what is still missing is a hole. Arrivals are appended to the staging file."""
+    tail = [r for r in still_missing if r[1] == checked_end]
+    if not tail:
+        return still_missing
+    started = _monotonic()
+    elapsed_ms = 0.0
+    extra = STAGING_SCHEMA.empty_table()
+    while tail and now + elapsed_ms - checked_end < PUBLISH_GRACE_MS:
+        log.info("waiting for just-closed candles", symbol=symbol, interval=interval, status="waiting",
+                 missing_from=ms_to_utc(tail[0][0]).isoformat(), poll_s=PUBLISH_POLL_S)
+        _sleep(PUBLISH_POLL_S)
+        elapsed_ms = (_monotonic() - started) * 1000
+        start, end = tail[0]
+        arrived = [batch for batch in source.batches(symbol, interval, start, end) if batch.rows]
+        if arrived:
+            extra = pa.concat_tables([extra, *(_batch_table(b) for b in arrived)])
+            times = np.asarray([row[0] for b in arrived for row in b.rows], dtype=np.int64)
+            tail = missing_ranges(times, start, end, interval)
+    if extra.num_rows:
+        table = pa.concat_tables([read_staged([str(path)]), extra])
+        with _staging_writer(path) as writer:
+            writer.write_table(table)
+    return [r for r in still_missing if r[1] != checked_end] + tail
+
+
+def settle_quarantined(store: RawStore, registry: GapRegistry, symbol: str, interval: str, *,
+                       history_start: int, now: int) -> list[int]:
+    """Take off the quarantine record the days whose every slot (from the series' first candle up to
+    the last closed one) is stored or is a known gap; returns them."""
+    known = registry.load() if store.quarantined_days(interval, symbol) else []
+    last_closed = closed_end(now, interval)
+
+    def complete(day: int) -> bool:
+        start, end = max(day, history_start), min(day + DAY_MS, last_closed)
+        if start >= end:  # nothing of the day is history (before the first candle) or closed yet
+            return True
+        holes = missing_ranges(store.open_times(interval, symbol, start, end), start, end, interval)
+        return all(any(g.start_ms <= s and e <= g.end_ms for g in known) for s, e in holes)
+
+    done = store.settle_quarantined(interval, symbol, complete)
+    if done:
+        log.info("quarantined days whole again", symbol=symbol, interval=interval, status="restored",
+                 days=[ms_to_utc(d).date().isoformat() for d in done])
+    return done
 
 
 # -- write -------------------------------------------------------------------------------
@@ -326,7 +454,8 @@ class WriteSummary:
     newest_close_ms: int | None = None
 
 
-def write_staged(store: RawStore, symbol: str, interval: str, staged: list[str]) -> WriteSummary:
+def write_staged(store: RawStore, symbol: str, interval: str, staged: list[str], *,
+                 now: int | None = None) -> WriteSummary:
     """Merge staged rows into the day partitions, with each day's provenance as metadata."""
     summary = WriteSummary(symbol, interval)
     table = read_staged(staged)
@@ -337,7 +466,9 @@ def write_staged(store: RawStore, symbol: str, interval: str, staged: list[str])
     first_of_each = np.concatenate([[True], times[1:] != times[:-1]])  # newest fetch wins
     table = table.filter(pa.array(first_of_each))
     times = times[first_of_each]
-    validate_raw(table.select(list(RAW_COLUMNS)), interval)  # once for all days, not per partition
+    rows = table.select(list(RAW_COLUMNS))
+    refuse_open_candles(rows, interval, symbol, now_ms() if now is None else now)  # before any day is written
+    validate_raw(rows, interval)  # once for all days, not per partition
     days = times // DAY_MS * DAY_MS
     boundaries = np.flatnonzero(np.diff(days)) + 1
     for lo, hi in zip(np.concatenate([[0], boundaries]), np.concatenate([boundaries, [len(days)]])):
@@ -351,7 +482,8 @@ def write_staged(store: RawStore, symbol: str, interval: str, staged: list[str])
             "latency_ms": f"{part.column('_latency_ms')[newest].as_py():.1f}",
             "decimal_places": str(part.column("_decimal_places")[newest].as_py()),
         }
-        for result in store.write(interval, symbol, part.select(list(RAW_COLUMNS)), provenance, validated=True):
+        for result in store.write(interval, symbol, part.select(list(RAW_COLUMNS)), provenance, validated=True,
+                                  now=now):
             summary.days.append(result.day_ms)
             summary.rows_added += max(result.added, 0)
             summary.rows_revised += result.revised
@@ -451,25 +583,30 @@ class DataIngestion:
         return self._source
 
     async def ingest_timeframe(self, interval: str, start: datetime | date | str | int,
-                               end: datetime | date | str | int, symbol: str = "BTCUSDT") -> IngestSummary:
+                               end: datetime | date | str | int, symbol: str | None = None) -> IngestSummary:
         """Ingest ``[start, end)``; a coroutine so the seed's ``asyncio.run(...)`` line works."""
         return await asyncio.to_thread(self.ingest, interval, start, end, symbol)
 
-    def ingest(self, interval: str, start, end, symbol: str = "BTCUSDT", *, now: int | None = None) -> IngestSummary:
+    def ingest(self, interval: str, start, end, symbol: str | None = None, *,
+               now: int | None = None) -> IngestSummary:
+        """Ingest ``[start, end)`` of ``symbol`` (default: the first of BINANCE_SYMBOLS)."""
         started = time.monotonic()
-        check_symbol(symbol)
+        symbol = configured_symbol(symbol, self.settings)
         now = now_ms() if now is None else now
         window = resolve_window(interval, start, end, settings=self.settings, now=now)
+        registry = GapRegistry(self.settings.raw_data_dir, symbol, interval)
+        history = history_start_ms(self.source, SeriesState(self.settings.raw_data_dir, symbol, interval),
+                                   self.settings, symbol, interval)
         staging = Path(tempfile.mkdtemp(prefix=f"ingest_{symbol}_{interval}_"))
         try:
-            fetched = fetch_to_staging(self.source, symbol, window, staging / "fetch.parquet")
+            fetched = fetch_to_staging(self.source, symbol, window.clipped_to(history), staging / "fetch.parquet")
             staged = [p for p in [fetched.path] if p]
-            gaps = gap_check(self.source, self.store, GapRegistry(self.settings.raw_data_dir, symbol, interval),
-                             symbol, window, staged, lookback_days=0, floor_ms=window.start_ms, now=now,
-                             history_start_ms=floor_to_grid(self.settings.ingest_start_ms, interval),
+            gaps = gap_check(self.source, self.store, registry, symbol, window, staged, lookback_days=0,
+                             floor_ms=window.start_ms, now=now, history_start_ms=history,
                              path=staging / "refetch.parquet")
             staged += [p for p in [gaps.path] if p]
-            written = write_staged(self.store, symbol, interval, staged)
+            written = write_staged(self.store, symbol, interval, staged, now=now)
+            settle_quarantined(self.store, registry, symbol, interval, history_start=history, now=now)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         emit_ingest_metrics(interval, candles=fetched.candles, gaps=gaps,
@@ -490,9 +627,10 @@ class DataIngestion:
 
 __all__ = [
     "BinanceRestSource", "DataIngestion", "FetchSummary", "GapSummary", "IngestSummary", "InvalidInput",
-    "KlineBatch", "KlineSource", "Window", "WindowNotClosed", "WriteSummary", "check_interval", "check_symbol",
-    "emit_ingest_metrics", "fetch_to_staging", "gap_check", "newest_stored_close_ms", "read_staged",
-    "resolve_window", "staging_root", "write_staged",
+    "KlineBatch", "KlineSource", "StageSummary", "Window", "WindowNotClosed", "WriteSummary", "check_interval",
+    "check_symbol", "configured_symbol", "emit_ingest_metrics", "fetch_to_staging", "gap_check", "history_start_ms",
+    "newest_stored_close_ms", "read_staged", "resolve_window", "settle_quarantined", "stage_ranges",
+    "staged_exists", "staging_root", "write_staged",
 ]
 
 

@@ -332,7 +332,11 @@ class DataSignal:
         return (table if table is not None else SIGNALS_SCHEMA.empty_table()).to_pandas()
 
     def _upsert_row(self, signal: Mapping) -> None:
-        """Replace the (date, symbol) row of ``signals.parquet`` under its lock, atomically."""
+        """Replace the (date, symbol) row of ``signals.parquet`` under its lock, atomically.
+
+        Locally the lock is a file lock (processes and threads); on an object store it serializes
+        this process's threads only, and the ``daily_signal`` DAG runs one ``generate_signal`` at a time.
+        """
         row = _signal_row(signal)
         path = self.table_path
         with self.io.lock(path):

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DAG_FILE = ROOT / "dags" / "binance_klines.py"
 EXPECTED_CRON = {"15m": "*/15 * * * *", "30m": "*/15 * * * *", "1h": "0 * * * *",
                  "4h": "0 */4 * * *", "1d": "0 0 * * *", "1w": "0 0 * * 1"}
-BINANCE_TASKS = {"fetch", "gap_check"}
+BINANCE_TASKS = {"fetch", "gap_check", "write_raw"}  # write_raw refetches when cleared after its staging is gone
+PER_SYMBOL_TASKS = {"fetch", "gap_check", "write_raw"}
 
 
 def _bag(path=DAG_FILE):
@@ -52,10 +53,15 @@ def test_one_dag_per_interval_with_schedule_pool_params_and_tags():
         assert dag.catchup is False and dag.max_active_runs >= 1
         assert {"binance", interval} <= set(dag.tags)
         assert dag.start_date == datetime(2017, 8, 17, tzinfo=timezone.utc)
-        assert [t.task_id for t in dag.topological_sort()] == ["fetch", "gap_check", "write_raw", "curate"]
+        assert [t.task_id for t in dag.topological_sort()] == ["plan", "fetch", "gap_check", "write_raw", "curate",
+                                                                "report"]
+        # the work is per symbol: a bad symbol fails only its own task instances
+        assert {t.task_id for t in dag.tasks if t.get_closest_mapped_task_group() is not None} == PER_SYMBOL_TASKS
         for task in dag.tasks:
             assert task.owner == "market-data" and task.retries >= 1
             assert (task.pool == "binance_api") == (task.task_id in BINANCE_TASKS), task.task_id
+        # waiting for a candle to close happens inside fetch: Airflow's retries are for real failures
+        assert dag.get_task("fetch").retries == 3 and dag.get_task("fetch").retry_delay == timedelta(minutes=1)
         curate = dag.get_task("curate")
         (asset,) = curate.outlets
         assert asset.uri.endswith(f"/curated/{interval}") and asset.name == f"curated_{interval}"
@@ -195,25 +201,55 @@ def test_a_manual_run_over_an_outage_records_the_gap_and_fills_the_rest(airflow_
     assert curated.column("gap_before").to_pylist() == [2]
 
 
-@pytest.mark.parametrize("conf, message", [
-    ({"start": "2024-03-02", "end": "2024-03-01"}, "start=2024-03-02T00:00:00+00:00 must be before end"),
-    ({"start": "2016-01-01", "end": "2016-02-01"}, "start=2016-01-01T00:00:00+00:00 is before INGEST_START"),
+@pytest.mark.parametrize("conf, message, failing_task", [
+    ({"start": "2024-03-02", "end": "2024-03-01"}, "start=2024-03-02T00:00:00+00:00 must be before end", "plan"),
+    ({"start": "2016-01-01", "end": "2016-02-01"}, "start=2016-01-01T00:00:00+00:00 is before INGEST_START", "plan"),
     # configured, but Binance does not know it: -1121 is the caller's error, never retried
-    ({"start": "2024-03-01", "end": "2024-03-02", "symbols": ["NOSUCHCOIN"]}, "Binance /api/v3/klines answered 400: code -1121: Invalid symbol."),
+    ({"start": "2024-03-01", "end": "2024-03-02", "symbols": ["NOSUCHCOIN"]},
+     "Binance /api/v3/exchangeInfo answered 400: code -1121: Invalid symbol.", "fetch"),
 ])
 def test_a_manual_run_with_bad_input_fails_at_once_without_writing(airflow_db, data_env, sandbox, conf, message,
-                                                                     monkeypatch, capsys):
+                                                                     failing_task, monkeypatch, capsys):
     from airflow.utils.state import DagRunState, TaskInstanceState
 
     monkeypatch.setenv("BINANCE_SYMBOLS", "BTCUSDT,NOSUCHCOIN")
     dag = _bag().dags["binance_klines_1h"]  # retries as configured: a user error must not be retried
     run = dag.test(run_conf=conf)
     assert run.state == DagRunState.FAILED
-    (fetch,) = [ti for ti in run.get_task_instances() if ti.task_id == "fetch"]
-    assert fetch.state == TaskInstanceState.FAILED and fetch.try_number == 1
+    (failed,) = [ti for ti in run.get_task_instances() if ti.task_id == failing_task]
+    assert failed.state == TaskInstanceState.FAILED and failed.try_number == 1
     assert f"AirflowFailException: {message}" in capsys.readouterr().out  # one line naming the input
     assert not list((data_env / "raw").rglob("*.parquet"))
-    assert sandbox.stats()["by_endpoint"].get("/api/v3/klines", 0) == (1 if "symbols" in conf else 0)
+    assert sandbox.stats()["by_endpoint"].get("/api/v3/klines", 0) == 0
+
+
+def test_a_bad_symbol_fails_only_its_own_task_instances(airflow_db, data_env, sandbox, monkeypatch, capsys):
+    """BINANCE_SYMBOLS=BTCUSDT,ETHUSDT,NOSUCHCOIN: the -1121 of the third fails its own fetch (once,
+    no retry); the other two are written and curated, and the run fails naming NOSUCHCOIN."""
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    monkeypatch.setenv("BINANCE_SYMBOLS", "BTCUSDT,ETHUSDT,NOSUCHCOIN")
+    dag = _bag().dags["binance_klines_1h"]
+    for task in dag.tasks:  # the -1121 is not retried whatever the retries; others would wait in dag.test()
+        task.retries = 0
+    run = dag.test(run_conf={"start": "2024-03-01", "end": "2024-03-02"})
+    assert run.state == DagRunState.FAILED
+    tis = run.get_task_instances()
+    states = {(ti.task_id, ti.map_index): (ti.state, ti.try_number) for ti in tis}
+    index = {"BTCUSDT": 0, "ETHUSDT": 1, "NOSUCHCOIN": 2}  # the map index of each symbol
+    assert {ti.rendered_map_index for ti in tis if ti.task_id == "write_raw" and ti.map_index != 2} == {
+        "BTCUSDT", "ETHUSDT"}  # the UI names each instance by its symbol
+    assert states[("fetch", index["NOSUCHCOIN"])] == (TaskInstanceState.FAILED, 1)
+    assert states[("write_raw", index["NOSUCHCOIN"])][0] == TaskInstanceState.UPSTREAM_FAILED
+    for symbol in ("BTCUSDT", "ETHUSDT"):
+        assert states[("write_raw", index[symbol])][0] == TaskInstanceState.SUCCESS
+        truth = sandbox.truth(symbol, "1h", to_ms("2024-03-01"), to_ms("2024-03-02"))
+        assert len(truth) == 24 and _stored("1h", to_ms("2024-03-01"), to_ms("2024-03-02"), symbol) == truth
+    assert states[("curate", -1)][0] == TaskInstanceState.SUCCESS
+    assert states[("report", -1)][0] == TaskInstanceState.FAILED
+    curated = CuratedStore(load_settings().curated_data_dir).read("1h", to_ms("2024-03-01"), to_ms("2024-03-02"))
+    assert sorted(set(curated.column("symbol").to_pylist())) == ["BTCUSDT", "ETHUSDT"]
+    assert "not ingested this run: NOSUCHCOIN" in capsys.readouterr().out
 
 
 def test_now_is_never_past_the_last_closed_candle(airflow_db, data_env, sandbox):
@@ -241,6 +277,12 @@ def test_backfill_create_plans_one_run_per_candle_of_the_range(airflow_db, data_
     planned = re.findall(r"\| (2024-01-01 \d\d:00:00\+00:00) \|", result.stdout)
     # logical date = data interval start: runs [00:00, 01:00) ... [05:00, 06:00)
     assert planned == [f"2024-01-01 {h:02d}:00:00+00:00" for h in range(6)]
+    # the to-date's own interval is included: a day to the next midnight is 25 runs (the README says so)
+    day = subprocess.run([sys.executable, "-m", "airflow", "backfill", "create", "--dag-id", "binance_klines_1h",
+                          "--from-date", "2024-01-01", "--to-date", "2024-01-02", "--dry-run"], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert day.returncode == 0, day.stderr[-3000:]
+    assert len(re.findall(r"\| (2024-01-0[12] \d\d:00:00\+00:00) \|", day.stdout)) == 25
 
 
 WRITERS = ("gap_check", "write_raw", "curate")

@@ -143,3 +143,16 @@ def test_dag_test_writes_a_stale_signal_once_the_wait_is_over(airflow_db, curate
     assert signal["status"] == "stale_data" and signal["direction"] is None
     assert signal["lag_seconds"]["1h"] == 12 * 3600
     assert "1h" in signal["reason"]
+
+
+def test_on_an_object_store_one_signal_write_at_a_time(monkeypatch):
+    """signals.parquet is read-modify-written under a file lock, which object stores lack: with
+    SIGNAL_DATA_DIR on one, one run at a time and one generate_signal at a time (backfills too)."""
+    local = _load_dag()
+    assert local.max_active_runs == 4
+    assert local.get_task("generate_signal").max_active_tis_per_dag is None
+    monkeypatch.setenv("SIGNAL_DATA_DIR", "s3://market-data/signals")
+    remote = _load_dag()
+    assert remote.max_active_runs == 1
+    assert remote.get_task("generate_signal").max_active_tis_per_dag == 1
+    assert remote.get_task("wait_for_fresh_data").max_active_tis_per_dag is None  # it only reads

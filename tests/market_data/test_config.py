@@ -14,6 +14,7 @@ def test_defaults_match_the_design():
     assert s.ingest_start.isoformat() == "2017-08-17" and s.gap_check_lookback_days == 3
     assert (s.recommendation_hour, s.recommendation_minute) == (12, 0)
     assert s.slow_intervals_schedule == "close" and s.log_level == "INFO"
+    assert s.quarantine_retention_days == 30
 
 
 def test_values_are_read_from_the_environment():
@@ -30,7 +31,14 @@ def test_values_are_read_from_the_environment():
     ("RECOMMENDATION_UPDATE_TIME", "25:00"), ("RECOMMENDATION_UPDATE_TIME", "noon"), ("LOG_LEVEL", "LOUD"),
     ("SLOW_INTERVALS_SCHEDULE", "hourly"), ("GAP_CHECK_LOOKBACK_DAYS", "-1"),
     ("BINANCE_RATE_LIMIT_WEIGHT", "20"),  # x 0.8 = 16: below exchangeInfo's weight of 20
+    ("QUARANTINE_RETENTION_DAYS", "-1"), ("QUARANTINE_RETENTION_DAYS", "a week"),
+    ("QUARANTINE_RETENTION_DAYS", "1.5"),
 ])
 def test_a_bad_value_names_its_variable(name, value):
     with pytest.raises(ConfigError, match=name):
         load_settings({name: value})
+
+
+@pytest.mark.parametrize("value, days", [("7", 7), ("0", 0), (" 365 ", 365), ("", 30)])
+def test_quarantine_retention_days_is_read_from_the_environment(value, days):
+    assert load_settings({"QUARANTINE_RETENTION_DAYS": value}).quarantine_retention_days == days

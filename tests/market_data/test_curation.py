@@ -618,3 +618,86 @@ def test_a_curated_day_quarantined_by_a_reader_is_rebuilt_by_the_next_curation(t
     table = curated.read("1h", day, day + DAY_MS)
     assert sorted(set(table.column("symbol").to_pylist())) == ["BTCUSDT", "ETHUSDT"] and table.num_rows == 48
     assert curated.quarantined_days("1h") == []
+
+
+# --------------------------------------------------------------------------- schema changes, housekeeping
+
+
+def _tamper_eth(table: pa.Table, value: float) -> pa.Table:
+    """``table`` with ETHUSDT's atr_14 set to ``value``: proves whether the rows were recomputed."""
+    eth = pc.equal(table.column("symbol"), "ETHUSDT")
+    index = table.schema.get_field_index("atr_14")
+    return table.set_column(index, "atr_14", pc.if_else(eth, pa.scalar(value), table.column("atr_14")))
+
+
+@pytest.mark.parametrize("change, rebuilt", [
+    ("a feature column missing, older version", True),
+    ("an extra column, current version", True),
+    ("same columns, older version", True),
+    ("same columns, current version", False),
+])
+def test_an_outdated_curated_day_is_rebuilt_whole_for_every_symbol(tmp_path, change, rebuilt):
+    from include.market_data.curation import CURATED_SCHEMA, CURATED_SCHEMA_VERSION
+
+    settings, day = _two_symbols_curated(tmp_path, hours=48)
+    target = day + DAY_MS  # the second day: its warm-up comes from the first
+    path = CuratedStore(settings.curated_data_dir).path("1h", target)
+    table = pq.read_table(path)
+    metadata = dict(table.schema.metadata)
+    assert metadata[b"schema_version"] == CURATED_SCHEMA_VERSION.encode()
+    table = _tamper_eth(table, 0.0)
+    if change.startswith("a feature column missing"):
+        table = table.drop_columns(["support"])
+    elif change.startswith("an extra column"):
+        table = table.append_column("obsolete", pa.array([1.0] * table.num_rows))
+    if "older version" in change:
+        metadata[b"schema_version"] = b"0"
+    pq.write_table(table.replace_schema_metadata(metadata), path)
+
+    # the next incremental curation of one symbol touches that day
+    summary = DataCuration(settings).curate_days("1h", "BTCUSDT", [target])
+    assert summary.days_written == ["2024-03-02"] and summary.rows == 24
+
+    after = pq.read_table(path)
+    symbols = after.column("symbol").to_pylist()
+    assert sorted(set(symbols)) == list(SYMBOLS) and after.num_rows == 48 and symbols == sorted(symbols)
+    full = dataclasses.replace(settings, curated_data_dir=str(tmp_path / "full"))
+    for symbol in SYMBOLS:
+        DataCuration(full).curate_timeframe("1h", symbol)
+    eth = curated_frame(settings, "1h", "ETHUSDT", "2024-03-02", "2024-03-03")
+    if rebuilt:  # the file now has today's columns and every symbol's rows equal a full curation
+        assert after.schema.names == CURATED_SCHEMA.names
+        assert after.schema.metadata[b"schema_version"] == CURATED_SCHEMA_VERSION.encode()
+        for symbol in SYMBOLS:
+            assert_same_features(curated_frame(settings, "1h", symbol, "2024-03-02", "2024-03-03"),
+                                 curated_frame(full, "1h", symbol, "2024-03-02", "2024-03-03"))
+    else:  # a current file is merged: the other symbol's rows are kept as they are
+        assert (eth.atr_14 == 0.0).all()
+        assert_same_features(curated_frame(settings, "1h", "BTCUSDT", "2024-03-02", "2024-03-03"),
+                             curated_frame(full, "1h", "BTCUSDT", "2024-03-02", "2024-03-03"))
+
+
+def test_incremental_curation_prunes_quarantined_curated_files_past_the_retention(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    settings, day = _two_symbols_curated(tmp_path, hours=24)
+    assert settings.quarantine_retention_days == 30
+    quarantine = Path(settings.curated_data_dir) / QUARANTINE_DIR
+    quarantine.mkdir()
+
+    def stamp(days_ago: int) -> str:  # as PartitionIO.quarantine names the files
+        return (datetime.now(timezone.utc) - timedelta(days=days_ago)).strftime("%Y%m%dT%H%M%S%fZ")
+
+    old = quarantine / f"1h_curated_20240301.parquet.{stamp(31)}"
+    recent = quarantine / f"1h_curated_20240301.parquet.{stamp(1)}"
+    old.write_bytes(b"garbage")
+    recent.write_bytes(b"garbage")
+    DataCuration(settings).curate_days("1h", "BTCUSDT", [day])
+    assert not old.exists() and recent.exists()
+    DataCuration(dataclasses.replace(settings, quarantine_retention_days=0)).curate_days("1h", "BTCUSDT", [day])
+    assert not recent.exists()
+    # a curation of a given range (the shell API) leaves the quarantine alone
+    kept = quarantine / f"1h_curated_20240301.parquet.{stamp(40)}"
+    kept.write_bytes(b"garbage")
+    DataCuration(settings).curate_timeframe("1h", "BTCUSDT")
+    assert kept.exists()

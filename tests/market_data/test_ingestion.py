@@ -137,10 +137,11 @@ def test_a_scheduled_run_after_airflow_was_down_longer_than_the_lookback_catches
 
     DataIngestion().ingest("1h", "2024-02-20", "2024-02-25")  # then Airflow is down for 5 days
     now = to_ms("2024-03-01T00:00:30Z")
-    fetched = pipeline.fetch("1h", to_utc("2024-02-29T23:00Z"), to_utc("2024-03-01T00:00Z"), {}, "scheduled_x", now=now)
+    fetched = pipeline.fetch("1h", "BTCUSDT", to_utc("2024-02-29T23:00Z"), to_utc("2024-03-01T00:00Z"), {},
+                             "scheduled_x", now=now)
     assert fetched["lookback_days"] == 3
     checked = pipeline.check_gaps(fetched, now=now)
-    assert checked["symbols"][0]["checked_start_ms"] == to_ms("2024-02-25")  # not 02-26: resumes after the newest
+    assert checked["checked_start_ms"] == to_ms("2024-02-25")  # not 02-26: resumes after the newest
     pipeline.write_raw(checked, now=now)
     truth = sandbox.truth("BTCUSDT", "1h", to_ms("2024-02-20"), to_ms("2024-03-01"))
     assert stored_rows("1h", "2024-02-20", "2024-03-01") == truth and len(truth) == 10 * 24
@@ -152,17 +153,19 @@ def test_a_run_refuses_symbols_outside_binance_symbols(data_env, sandbox):
     from include.market_data import pipeline
 
     with pytest.raises(AirflowFailException, match=r"symbols \['ETHUSDT'\] are not in BINANCE_SYMBOLS"):
-        pipeline.fetch("1h", None, None, {"start": "2024-03-01", "end": "2024-03-02", "symbols": ["ETHUSDT"]}, "m")
+        pipeline.plan("1h", None, None, {"start": "2024-03-01", "end": "2024-03-02", "symbols": ["ETHUSDT"]})
+    with pytest.raises(AirflowFailException, match=r"symbols \['ETHUSDT'\] are not in BINANCE_SYMBOLS"):
+        pipeline.fetch("1h", "ETHUSDT", None, None, {"start": "2024-03-01", "end": "2024-03-02"}, "m")
     assert sandbox.stats()["by_endpoint"].get("/api/v3/klines", 0) == 0
 
 
 def _scheduled_run(interval, start, end, now):
     from include.market_data import pipeline
 
-    fetched = pipeline.fetch(interval, to_utc(start), to_utc(end), {}, f"scheduled_{start}", now=now)
+    fetched = pipeline.fetch(interval, "BTCUSDT", to_utc(start), to_utc(end), {}, f"scheduled_{start}", now=now)
     checked = pipeline.check_gaps(fetched, now=now)
     pipeline.write_raw(checked, now=now)
-    return checked["symbols"][0]
+    return checked
 
 
 def test_a_scheduled_run_refetches_a_quarantined_day_outside_its_lookback(data_env, sandbox):
@@ -205,6 +208,105 @@ def test_staging_left_by_a_failed_run_is_removed_after_two_days(data_env, sandbo
         run_dir.mkdir(parents=True)
         (run_dir / "BTCUSDT_fetch.parquet").write_bytes(b"partial")
     three_days_ago = time.time() - 3 * 86_400
-    os.utime(abandoned, (three_days_ago, three_days_ago))
-    pipeline.fetch("1h", None, None, {"start": "2024-03-01", "end": "2024-03-01T02:00Z"}, "manual__now")
+    for path in (abandoned / "BTCUSDT_fetch.parquet", abandoned):  # nothing in it changed for three days
+        os.utime(path, (three_days_ago, three_days_ago))
+    pipeline.fetch("1h", "BTCUSDT", None, None, {"start": "2024-03-01", "end": "2024-03-01T02:00Z"}, "manual__now")
     assert not abandoned.exists() and recent.exists() and (root / "manual__now").exists()
+
+
+# --- issue 11: correctness under real use ----------------------------------------------------
+
+
+def test_a_quarantined_day_partly_rewritten_is_still_refetched_whole(data_env, sandbox):
+    """A manual 2-hour window touching a quarantined day must not leave the rest of the day lost."""
+    DataIngestion().ingest("1h", "2024-02-09", "2024-02-12")
+    store = RawStore(load_settings().raw_data_dir)
+    store.path("1h", "BTCUSDT", to_ms("2024-02-10")).write_bytes(b"not parquet")
+    assert store.read("1h", "BTCUSDT", to_ms("2024-02-10"), to_ms("2024-02-11")).num_rows == 0  # quarantined
+    assert store.quarantined_days("1h", "BTCUSDT") == [to_ms("2024-02-10")]
+    # the first writer after the quarantine asks for two hours of that day only
+    DataIngestion().ingest("1h", "2024-02-10T10:00Z", "2024-02-10T12:00Z")
+    truth = sandbox.truth("BTCUSDT", "1h", to_ms("2024-02-09"), to_ms("2024-02-12"))
+    assert stored_rows("1h", "2024-02-09", "2024-02-12") == truth and len(truth) == 72
+    assert store.quarantined_days("1h", "BTCUSDT") == []  # whole again: off the record
+
+
+def test_a_quarantined_day_stays_on_the_record_until_whole_and_any_run_refetches_it(data_env, sandbox):
+    DataIngestion().ingest("1h", "2024-02-10", "2024-02-11")
+    store = RawStore(load_settings().raw_data_dir)
+    store.path("1h", "BTCUSDT", to_ms("2024-02-10")).write_bytes(b"not parquet")
+    store.read_day("1h", "BTCUSDT", to_ms("2024-02-10"))
+    # Binance is down for the refetch: a partial day is written, the day stays on the record
+    sandbox.set_faults({"outages": [{"start": to_ms("2024-02-10T05:00Z"), "end": to_ms("2024-02-11")}]})
+    DataIngestion().ingest("1h", "2024-03-01", "2024-03-01T01:00Z", now=to_ms("2024-03-02"))  # another window
+    assert len(stored_rows("1h", "2024-02-10", "2024-02-11")) == 5
+    # the outage is a known gap now, so the day counts as whole: every slot is back or a known gap
+    assert store.quarantined_days("1h", "BTCUSDT") == []
+    assert [(g.start_ms, g.end_ms) for g in GapRegistry(load_settings().raw_data_dir, "BTCUSDT", "1h").load()] == [
+        (to_ms("2024-02-10T05:00Z"), to_ms("2024-02-11"))]
+
+
+def test_a_symbol_listed_after_ingest_start_has_no_gap_before_its_first_candle(data_env, tmp_path, monkeypatch):
+    """The first candle is looked up once (klines?startTime=0&limit=1) and kept with the gap
+    registry: nothing before it is requested or recorded as a gap."""
+    from include.binance_sandbox import SandboxServer
+    from include.market_data.gaps import SeriesState
+
+    truth = [row for row in _late_listing_rows()]
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    (replay / "NEWCOINUSDT-1h-2024-03.csv").write_text("\n".join(",".join(map(str, r)) for r in truth) + "\n")
+    with SandboxServer(host="127.0.0.1", port=0, replay=str(replay)) as late:
+        monkeypatch.setenv("AIRFLOW_CONN_BINANCE_DEFAULT", f'{{"conn_type": "http", "host": "{late.url}"}}')
+        monkeypatch.setenv("BINANCE_SYMBOLS", "NEWCOINUSDT")
+        first = DataIngestion().ingest("1h", "2023-01-01", "2024-03-03")
+        assert first.gaps_found == 0 and first.rows_added == 48
+        requests_first = late.stats()["by_endpoint"]["/api/v3/klines"]
+        assert requests_first == 2  # the first-candle lookup and one page from the listing on, not a year of pages
+        assert GapRegistry(load_settings().raw_data_dir, "NEWCOINUSDT", "1h").load() == []
+        assert SeriesState(load_settings().raw_data_dir, "NEWCOINUSDT", "1h").first_open_ms == to_ms("2024-03-01")
+        again = DataIngestion().ingest("1h", "2023-06-01", "2024-03-03")
+        assert again.gaps_found == 0
+        assert late.stats()["by_endpoint"]["/api/v3/klines"] == requests_first + 1  # looked up once only
+    assert stored_rows("1h", "2023-01-01", "2024-03-03", symbol="NEWCOINUSDT") == truth
+
+
+def _late_listing_rows():
+    """48 hourly candles of a symbol listed 2024-03-01 00:00 UTC, in Binance's archive CSV shape."""
+    rows = []
+    for hour in range(48):
+        open_ms = to_ms("2024-03-01") + hour * HOUR_MS
+        rows.append([open_ms, "1.00000000", "1.20000000", "0.90000000", "1.10000000", "10.00000000",
+                     open_ms + HOUR_MS - 1, "11.00000000", 5, "4.00000000", "4.40000000", "0"])
+    return rows
+
+
+def test_storage_refuses_an_open_candle_whatever_the_source(data_env):
+    from include.market_data.schema import rows_to_table
+    from include.market_data.storage import OpenCandleRefused
+
+    store = RawStore(load_settings().raw_data_dir)
+    now = to_ms("2024-03-01T10:30Z")
+    closed = [to_ms("2024-03-01T09:00Z"), "1", "2", "0.5", "1.5", "3", to_ms("2024-03-01T10:00Z") - 1, "4", 1, "1", "1", "0"]
+    still_open = [to_ms("2024-03-01T10:00Z"), "1", "2", "0.5", "1.5", "3", to_ms("2024-03-01T11:00Z") - 1, "4", 1, "1", "1", "0"]
+    with pytest.raises(OpenCandleRefused, match="2024-03-01T10:00:00"):
+        store.write("1h", "BTCUSDT", rows_to_table([closed, still_open]), {"source": "test"}, now=now)
+    assert store.days("1h", "BTCUSDT") == []  # nothing written, not even the closed row
+    store.write("1h", "BTCUSDT", rows_to_table([closed]), {"source": "test"}, now=now)
+    assert store.read("1h", "BTCUSDT", 0, now).num_rows == 1
+
+
+def test_the_seed_api_follows_binance_symbols(data_env, sandbox, monkeypatch):
+    from include.market_data.curation import DataCuration
+
+    monkeypatch.setenv("BINANCE_SYMBOLS", "ETHUSDT")
+    summary = asyncio.run(DataIngestion().ingest_timeframe("1h", "2024-03-01", "2024-03-02"))
+    assert summary.symbol == "ETHUSDT" and summary.rows_added == 24
+    assert stored_rows("1h", "2024-03-01", "2024-03-02", symbol="ETHUSDT") == sandbox.truth(
+        "ETHUSDT", "1h", to_ms("2024-03-01"), to_ms("2024-03-02"))
+    curated = DataCuration().curate_timeframe("1h")
+    assert curated.symbol == "ETHUSDT" and curated.rows == 24
+    sandbox.reset_stats()
+    with pytest.raises(InvalidInput, match=r"symbol='BTCUSDT' is not in BINANCE_SYMBOLS \(ETHUSDT\)"):
+        DataIngestion().ingest("1h", "2024-03-01", "2024-03-02", "BTCUSDT")
+    assert sandbox.stats()["by_endpoint"].get("/api/v3/klines", 0) == 0

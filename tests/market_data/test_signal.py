@@ -323,3 +323,44 @@ def test_signal_files_go_to_an_object_store(market, monkeypatch, metrics, object
     assert sorted(p.rsplit("/", 1)[1] for p in memory.ls(bucket, detail=False)) == [
         "signal_20240301.json", "signal_20240301.png", SIGNALS_TABLE]
     assert not (market / "signals").exists()
+
+
+def test_concurrent_signals_on_an_object_store_keep_every_row(market, monkeypatch, object_store):
+    """Two generate() calls in threads of one process (object stores have no file lock): the
+    read-modify-write of signals.parquet is serialized, so neither loses the other's row."""
+    import threading
+
+    from include.market_data.storage import PartitionIO
+
+    url, memory, bucket = object_store
+    monkeypatch.setenv("SIGNAL_DATA_DIR", url)
+    both_read = threading.Barrier(2, timeout=1)
+    real_read = PartitionIO.read
+
+    def read_then_wait(self, path, columns=None):
+        table = real_read(self, path, columns)
+        if str(path).endswith(SIGNALS_TABLE):
+            try:  # unserialized, both threads read the table before either writes it
+                both_read.wait()
+            except threading.BrokenBarrierError:
+                pass
+        return table
+
+    monkeypatch.setattr(PartitionIO, "read", read_then_wait)
+    days, errors = (DAY, DAY - timedelta(days=1)), []
+
+    def generate(day):
+        try:
+            DataSignal().generate(day, now=NOW_1)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=generate, args=(day,)) for day in days]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    monkeypatch.setattr(PartitionIO, "read", real_read)
+    assert errors == []
+    rows = DataSignal().read_signals()
+    assert sorted(str(d) for d in rows["date"]) == ["2024-02-29", "2024-03-01"]

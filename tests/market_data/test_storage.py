@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -200,3 +201,204 @@ def test_a_failed_write_leaves_an_object_untouched(object_store):
     with pytest.raises(RuntimeError):
         atomic_write(target, fails_half_way)
     assert memory.cat(f"{bucket}/day.parquet") == b"GOOD-OLD-CONTENT"
+
+
+# --- housekeeping: a bounded set of lock files, and locks that nest without deadlocking ---------
+
+
+def _colliding(io, stem: str, count: int = 2, tier: str = "stripe") -> list:
+    """``count`` different paths under ``io.root`` whose locks share one stripe file."""
+    by_stripe: dict[str, list] = {}
+    for i in range(100_000):
+        path = io.root / f"{stem}_{i}.parquet"
+        same = by_stripe.setdefault(io.lock_name(path, tier), [])
+        same.append(path)
+        if len(same) == count:
+            return same
+    raise AssertionError("no collision found")
+
+
+def test_a_thousand_partitions_leave_a_bounded_set_of_lock_files(tmp_path):
+    from include.market_data.storage import LOCK_STRIPES
+
+    start = 18_000 * DAY_MS  # 2019-04-14: 1000 closed daily candles, one partition each
+    results = RawStore(str(tmp_path)).write("1d", "BTCUSDT", rows_to_table(make_rows("1d", start, 1000)), PROVENANCE)
+    assert len(results) == 1000 and len(list((tmp_path / "1d").iterdir())) == 1000
+    locks = sorted(p.name for p in (tmp_path / "_locks").iterdir())
+    assert 0 < len(locks) <= LOCK_STRIPES == 256
+    assert all(re.fullmatch(r"stripe-[0-9a-f]{2}\.lock", name) for name in locks), locks[:5]
+
+
+def test_nested_locks_that_collide_on_a_stripe_neither_deadlock_nor_let_go_early(tmp_path):
+    import threading
+
+    from include.market_data.storage import PartitionIO
+
+    io = PartitionIO(str(tmp_path))
+    first, second = _colliding(io, "day")
+    assert first != second and io.lock_name(first) == io.lock_name(second)
+    inner_done, release, other_got_it = threading.Event(), threading.Event(), threading.Event()
+
+    def nested():
+        with io.lock(first):
+            with io.lock(second):  # same stripe, same thread: must not wait for itself
+                pass
+            inner_done.set()
+            release.wait(10)  # still holding ``first``: leaving the inner lock let nothing go
+
+    def other():
+        with io.lock(second):
+            other_got_it.set()
+
+    holder = threading.Thread(target=nested, daemon=True)
+    holder.start()
+    assert inner_done.wait(10), "nested locks on one stripe deadlocked"
+    rival = threading.Thread(target=other, daemon=True)
+    rival.start()
+    assert not other_got_it.wait(0.5), "the stripe was released when the inner lock was left"
+    release.set()
+    holder.join(10)
+    assert other_got_it.wait(10) and not holder.is_alive()
+    rival.join(10)
+
+
+def test_sections_around_partition_locks_never_deadlock_on_shared_stripes(tmp_path):
+    """Two curations hold their (interval, symbol) section while merging a day: section A's stripe
+    number is day B's and the other way round. One stripe set for both would deadlock here."""
+    import threading
+
+    from include.market_data.storage import LOCK_STRIPES, PartitionIO
+
+    io = PartitionIO(str(tmp_path))
+    names = {}
+    for i in range(100_000):
+        path = io.root / f"day_{i}.parquet"
+        names.setdefault(io.lock_name(path)[len("stripe-"):], path)
+        if len(names) == LOCK_STRIPES:
+            break
+    section_a, section_b = io.root / "1h_BTCUSDT.curate", io.root / "15m_ETHUSDT.curate"
+    number = lambda p: io.lock_name(p, "section")[len("section-"):]  # noqa: E731
+    assert number(section_a) != number(section_b)
+    day_a, day_b = names[number(section_b)], names[number(section_a)]
+    both_in, done = threading.Barrier(2, timeout=10), []
+
+    def curate(section, day):
+        with io.lock(section, tier="section"):
+            both_in.wait()
+            with io.lock(day):
+                done.append(day)
+
+    workers = [threading.Thread(target=curate, args=args, daemon=True)
+               for args in ((section_a, day_a), (section_b, day_b))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(20)
+    assert sorted(map(str, done)) == sorted(map(str, (day_a, day_b))), "deadlocked"
+
+
+def test_threads_merging_one_day_on_an_object_store_lose_nothing(object_store, monkeypatch):
+    """Object stores have no file lock: inside a process, a lock per path serializes the
+    read-merge-write, so two threads writing the same day keep each other's rows."""
+    import threading
+
+    from include.market_data.storage import PartitionIO
+
+    url, memory, bucket = object_store
+    rows = make_rows("15m", DAY, 96)
+    both_read = threading.Barrier(2, timeout=1)
+    real_read = PartitionIO.read
+
+    def read_then_wait(self, path, columns=None):
+        table = real_read(self, path, columns)
+        try:  # without a lock both threads read the same (empty) day before either writes
+            both_read.wait()
+        except threading.BrokenBarrierError:
+            pass
+        return table
+
+    monkeypatch.setattr(PartitionIO, "read", read_then_wait)
+    errors = []
+
+    def write(which):
+        try:
+            RawStore(url).write("15m", "BTCUSDT", rows_to_table(rows[which::2]), PROVENANCE)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=write, args=(which,)) for which in (0, 1)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    monkeypatch.setattr(PartitionIO, "read", real_read)
+    assert errors == []
+    assert table_to_rows(RawStore(url).read("15m", "BTCUSDT", DAY, DAY + DAY_MS), 8) == rows
+
+
+def test_a_merge_into_a_file_with_other_columns_does_not_crash(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    from include.market_data.storage import PartitionIO
+
+    io = PartitionIO(str(tmp_path))
+    path = io.root / "table.parquet"
+    keys = [("key", "ascending")]
+    old = pa.table({"key": [1, 2], "a": [1.0, 2.0], "gone": ["x", "y"]})
+    io.write_atomic(path, old, {})
+    new = pa.table({"key": [2, 3], "a": [20.0, 30.0], "added": [0.5, 0.7]})
+    result = io.merge(path, 0, new, {}, replaces=lambda t: np.isin(t.column("key").to_numpy(), [2, 3]),
+                      sort_keys=keys, validate=lambda t: None)
+    merged = pq.read_table(path).replace_schema_metadata(None)
+    assert merged.column_names == ["key", "a", "added"]  # the new rows' columns
+    assert merged.to_pydict() == {"key": [1, 2, 3], "a": [1.0, 20.0, 30.0], "added": [None, 0.5, 0.7]}
+    assert (result.rows_before, result.rows_after) == (2, 3)
+
+
+# --- housekeeping: quarantine retention ---------------------------------------------------------
+
+NOW = "2024-03-31T12:00:00Z"
+QUARANTINED = {
+    "BTCUSDT_1h_20240101.parquet.20240201T000000000000Z": True,   # 59.5 days old: pruned
+    "BTCUSDT_1h_20240102.parquet.20240301T115959999999Z": True,   # 30 days + 1 µs old: pruned
+    "BTCUSDT_1h_20240103.parquet.20240301T120000000001Z": False,  # just inside 30 days: kept
+    "1h_curated_20240104.parquet.20240330T080000123456Z": False,  # a day old: kept
+    "notes.txt": False,                                           # no stamp: never touched
+}
+
+
+def test_prune_quarantine_deletes_what_is_older_than_the_retention_by_its_stamp(tmp_path, monkeypatch):
+    from include.market_data import storage
+    from include.market_data.storage import QUARANTINE_DIR, prune_quarantine
+
+    directory = tmp_path / QUARANTINE_DIR
+    directory.mkdir()
+    for name, old in QUARANTINED.items():
+        (directory / name).write_bytes(b"x")
+        # the file's mtime says the opposite of its stamp: only the stamp counts
+        stamp = time.time() - (0 if old else 400 * 86400)
+        os.utime(directory / name, (stamp, stamp))
+    logged = []
+    monkeypatch.setattr(storage.log, "info", lambda event, **fields: logged.append((event, fields)))
+    removed = prune_quarantine(str(tmp_path), 30, now=NOW)
+    expected = sorted(str(directory / n) for n, old in QUARANTINED.items() if old)
+    assert sorted(removed) == expected
+    assert sorted(p.name for p in directory.iterdir()) == sorted(n for n, old in QUARANTINED.items() if not old)
+    assert sorted(fields["path"] for event, fields in logged if event == "quarantined file removed") == expected
+    assert prune_quarantine(str(tmp_path), 30, now=NOW) == []  # nothing left to do
+    assert len(prune_quarantine(str(tmp_path), 0, now=NOW)) == 2  # retention 0: every stamped file
+    assert [p.name for p in directory.iterdir()] == ["notes.txt"]
+    assert prune_quarantine(str(tmp_path / "nowhere"), 30) == []  # no _quarantine/ at all
+
+
+def test_prune_quarantine_on_an_object_store(object_store):
+    from include.market_data.storage import QUARANTINE_DIR, prune_quarantine
+
+    url, memory, bucket = object_store
+    for name in QUARANTINED:
+        memory.pipe(f"{bucket}/{QUARANTINE_DIR}/{name}", b"x")
+    removed = prune_quarantine(url, 30, now=NOW)
+    assert sorted(r.rsplit("/", 1)[1] for r in removed) == sorted(n for n, old in QUARANTINED.items() if old)
+    left = sorted(p.rsplit("/", 1)[1] for p in memory.ls(f"{bucket}/{QUARANTINE_DIR}", detail=False))
+    assert left == sorted(n for n, old in QUARANTINED.items() if not old)
