@@ -13,6 +13,7 @@ and removed, or cleaned up as abandoned) fetches its ranges again.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import shutil
@@ -316,6 +317,10 @@ def write_raw(checked: dict, *, settings: Settings | None = None, source: KlineS
     log.info("write done", interval=interval, symbol=symbol, days=len(summary.days),
              rows_added=summary.rows_added, rows_revised=summary.rows_revised, status="ok")
     _remove_tree(_symbol_dir(settings, interval, checked["run_id"], symbol))
+    run_dir = _run_dir(settings, interval, checked["run_id"])
+    if isinstance(run_dir, Path):  # the run's last symbol leaves no empty dir behind
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
     return {"interval": interval, "symbol": symbol, "days": summary.days, "rows_added": summary.rows_added,
             "rows_revised": summary.rows_revised}
 
