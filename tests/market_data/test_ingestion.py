@@ -310,3 +310,27 @@ def test_the_seed_api_follows_binance_symbols(data_env, sandbox, monkeypatch):
     with pytest.raises(InvalidInput, match=r"symbol='BTCUSDT' is not in BINANCE_SYMBOLS \(ETHUSDT\)"):
         DataIngestion().ingest("1h", "2024-03-01", "2024-03-02", "BTCUSDT")
     assert sandbox.stats()["by_endpoint"].get("/api/v3/klines", 0) == 0
+
+
+def test_a_row_breaking_the_row_contract_leaves_a_hole_and_the_rest_is_written(data_env, sandbox, monkeypatch):
+    """The hook and the raw schema share one row contract: a row Binance serves with taker buy
+    volume above volume is reported and left out, the rest of the window is written, and the slot
+    is a hole re-checked like any other (not a whole run refused and retried for nothing)."""
+    from tests.plugins.test_binance_hook import ScriptedServer
+
+    bad_open = to_ms("2024-03-01T05:00Z")
+
+    def taker_above_volume(rows):
+        for row in rows:
+            if row[0] == bad_open:
+                row[9] = f"{float(row[5]) + 1:.8f}"
+        return rows
+
+    with ScriptedServer(sandbox.url, rewrite=taker_above_volume) as server:
+        monkeypatch.setenv("AIRFLOW_CONN_BINANCE_DEFAULT", f'{{"conn_type": "http", "host": "{server.url}"}}')
+        summary = DataIngestion().ingest("1h", "2024-03-01", "2024-03-02")
+    truth = sandbox.truth("BTCUSDT", "1h", to_ms("2024-03-01"), to_ms("2024-03-02"))
+    assert stored_rows("1h", "2024-03-01", "2024-03-02") == [row for row in truth if row[0] != bad_open]
+    assert summary.gaps_found == 1 and summary.known_gap_slots == 1
+    gaps = GapRegistry(load_settings().raw_data_dir, "BTCUSDT", "1h").load()
+    assert [(g.start_ms, g.end_ms) for g in gaps] == [(bad_open, bad_open + HOUR_MS)]
