@@ -72,7 +72,7 @@ def fill(settings, start_ms: int, t0_ms: int) -> dict:
 
 
 def scheduled_run(settings, slot_start_ms: int, run_id: str) -> dict[str, float]:
-    """The four task bodies for the data interval [slot_start, slot_start + 15 min), timed each."""
+    """The task bodies (plan, then one symbol's) for the data interval [slot_start, slot_start + 15 min), timed each."""
     from include.market_data import pipeline
 
     start = datetime.fromtimestamp(slot_start_ms / 1000, tz=UTC)
@@ -80,7 +80,8 @@ def scheduled_run(settings, slot_start_ms: int, run_id: str) -> dict[str, float]
     params = {"start": None, "end": None, "symbols": [SYMBOL]}  # the DAG's defaults
     times = {}
     began = time.perf_counter()
-    fetched = pipeline.fetch(INTERVAL, start, end, params, run_id, settings=settings)
+    symbols = pipeline.plan(INTERVAL, start, end, params, settings=settings)
+    fetched = pipeline.fetch(INTERVAL, symbols[0], start, end, params, run_id, settings=settings)
     times["fetch"] = time.perf_counter() - began
     mark = time.perf_counter()
     checked = pipeline.check_gaps(json.loads(json.dumps(fetched)), settings=settings)  # through "XCom"
@@ -89,10 +90,10 @@ def scheduled_run(settings, slot_start_ms: int, run_id: str) -> dict[str, float]
     written = pipeline.write_raw(json.loads(json.dumps(checked)), settings=settings)
     times["write_raw"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    curated = pipeline.curate(json.loads(json.dumps(written)), settings=settings)
+    curated = pipeline.curate(INTERVAL, [json.loads(json.dumps(written))], settings=settings)
     times["curate"] = time.perf_counter() - mark
     times["total"] = time.perf_counter() - began
-    rows = sum(item["rows_added"] for item in written["symbols"])
+    rows = written["rows_added"]
     if rows != 1 or curated["symbols"][0]["days_written"] < 1:
         raise RuntimeError(f"run {run_id} added {rows} rows, curated {curated}: expected one new candle")
     return times

@@ -129,10 +129,10 @@ def build_dag(interval: str):
             return pipeline.curate(interval, written)
 
         @task(trigger_rule="all_done")
-        def report(planned: list[str], written) -> dict:
+        def report(planned: list[str], written, curated) -> dict:
             from include.market_data import pipeline
 
-            return pipeline.report(interval, planned, written)
+            return pipeline.report(interval, planned, written, curated)
 
         # A mapped task group: each symbol's gap_check and write_raw depend on its own fetch only.
         @task_group(prefix_group_id=False)
@@ -141,7 +141,7 @@ def build_dag(interval: str):
 
         symbols = plan()
         written = ingest_symbol.expand(symbol=symbols)
-        curate(written) >> report(symbols, written)
+        report(symbols, written, curate(written))
 
     return klines_dag()
 

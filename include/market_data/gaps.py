@@ -232,15 +232,15 @@ class SeriesState:
             state["quarantined_days"] = sorted(days | {int(day_ms)})
         self._update(change)
 
-    def drop_quarantined_days(self, days) -> None:
-        gone = {int(d) for d in days}
-        if not gone:
-            return
+    def settle_quarantined_days(self, complete) -> list[int]:
+        """Drop the recorded days for which ``complete(day)`` holds, under the lock; returns them."""
+        done: list[int] = []
 
         def change(state):
             before = state.get("quarantined_days", [])
-            after = [d for d in before if d not in gone]
-            if after == before:
+            done.extend(d for d in before if complete(d))
+            if not done:
                 return False
-            state["quarantined_days"] = after
+            state["quarantined_days"] = [d for d in before if d not in done]
         self._update(change)
+        return done

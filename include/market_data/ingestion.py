@@ -236,8 +236,9 @@ class StageSummary:
 
 
 def stage_ranges(source: KlineSource, symbol: str, interval: str, ranges: list[tuple[int, int]], path,
-                 *, progress: bool = False) -> StageSummary:
-    """Page ``ranges`` (half-open, on ``open_time``) from ``source`` into one staging file at ``path``."""
+                 *, progress: bool = False, keep_times: bool = False) -> StageSummary:
+    """Page ``ranges`` (half-open, on ``open_time``) from ``source`` into one staging file at ``path``
+    (``keep_times``: also list the open times staged, for the gap check)."""
     summary = StageSummary(str(path))
     step = interval_ms(interval)
     total_pages = sum(-(-((end - start) // step) // 1000) for start, end in ranges) or 1
@@ -249,7 +250,8 @@ def stage_ranges(source: KlineSource, symbol: str, interval: str, ranges: list[t
                 if batch.rows:
                     writer.write_table(_batch_table(batch))
                     summary.candles += len(batch.rows)
-                    summary.open_times.extend(row[0] for row in batch.rows)
+                    if keep_times:
+                        summary.open_times.extend(row[0] for row in batch.rows)
                 if progress and time.monotonic() - last_report >= PROGRESS_EVERY_S:
                     last_report = time.monotonic()
                     elapsed = last_report - started
@@ -360,8 +362,9 @@ def gap_check(source: KlineSource, store: RawStore, registry: GapRegistry, symbo
         holes = missing_ranges(np.concatenate([staged_times, stored_times]), checked_start, checked_end, interval)
         summary.gaps_filled = registry.resolve(holes, checked_start, checked_end)
     if lookback_days:
-        # Known gaps due for a re-check, wherever they lie.
-        holes += registry.due_outside(checked_start, checked_end, now)
+        # Known gaps due for a re-check, wherever they lie (never before the series' first candle).
+        holes += [(max(s, series_start), e) for s, e in registry.due_outside(checked_start, checked_end, now)
+                  if e > series_start]
     # A quarantined day is refetched whole, whoever touches it first: the record keeps it until
     # every slot is back or is a known gap (see settle_quarantined).
     last_closed = closed_end(now, interval)
@@ -377,7 +380,7 @@ def gap_check(source: KlineSource, store: RawStore, registry: GapRegistry, symbo
     summary.refetched_ranges = refetch
     if not refetch:
         return summary
-    staged_refetch = stage_ranges(source, symbol, interval, refetch, path)
+    staged_refetch = stage_ranges(source, symbol, interval, refetch, path, keep_times=True)
     summary.path = str(path)
     found = np.asarray(staged_refetch.open_times, dtype=np.int64)
     still_missing = [r for start, end in refetch for r in missing_ranges(found, start, end, interval)]
@@ -397,7 +400,7 @@ def _wait_for_publication(source: KlineSource, symbol: str, interval: str, still
     """Candles that closed under PUBLISH_GRACE_MS ago may not be served yet: that is no outage.
     Poll for them (inside the task: waiting is not failing) until they arrive or the grace has
     passed; then what is still missing is a hole. Arrivals are appended to the staging file."""
-    tail = [r for r in still_missing if r[1] == checked_end]
+    tail = [r for r in still_missing if r[1] >= checked_end]  # (a quarantined day may reach past the window)
     if not tail:
         return still_missing
     started = _monotonic()
@@ -418,7 +421,7 @@ def _wait_for_publication(source: KlineSource, symbol: str, interval: str, still
         table = pa.concat_tables([read_staged([str(path)]), extra])
         with _staging_writer(path) as writer:
             writer.write_table(table)
-    return [r for r in still_missing if r[1] != checked_end] + tail
+    return [r for r in still_missing if r[1] < checked_end] + tail
 
 
 def settle_quarantined(store: RawStore, registry: GapRegistry, symbol: str, interval: str, *,

@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from binance_provider.hooks.errors import BinanceAPIError
 
 from include.market_data import observability
@@ -102,8 +102,11 @@ def _newest_mtime(run_dir) -> float:
     """When anything under a run's staging dir last changed (object stores: the objects' mtimes;
     a dir with no file at all counts as old there, since object stores keep no empty dirs' times)."""
     if isinstance(run_dir, Path):
-        times = [run_dir.stat().st_mtime] + [p.stat().st_mtime for p in run_dir.rglob("*")]
-        return max(times)
+        times = []
+        for path in [run_dir, *run_dir.rglob("*")]:
+            with contextlib.suppress(FileNotFoundError):  # another task is removing it
+                times.append(path.stat().st_mtime)
+        return max(times, default=time.time())
     times = []
     for info in run_dir.fs.find(run_dir.path, detail=True).values():
         modified = info.get("LastModified") or info.get("mtime") or info.get("created")
@@ -339,6 +342,8 @@ def curate(interval: str, written, *, settings: Settings | None = None) -> dict:
     settings = settings or load_settings()
     curation = DataCuration(settings)
     result = {"interval": interval, "symbols": []}
+    if not _items(written):  # nothing written (every symbol failed): no curated Asset event
+        raise AirflowSkipException(f"{interval}: no symbol was written, nothing to curate")
     for item in _items(written):
         summary = curation.curate_days(interval, item["symbol"], item["days"])
         result["symbols"].append({"symbol": item["symbol"], "days_written": len(summary.days_written),
@@ -346,13 +351,15 @@ def curate(interval: str, written, *, settings: Settings | None = None) -> dict:
     return result
 
 
-def report(interval: str, planned: list[str] | None, written) -> dict:
+def report(interval: str, planned: list[str] | None, written, curated: dict | None = None) -> dict:
     """Fail the run, naming them, when some of its symbols were not ingested (their own task
     instances failed): the others were written and curated, but the run must not look green."""
     if not planned:  # plan failed: its own message says why
         raise AirflowFailException(f"{interval}: the run was not planned (see the plan task's log); nothing ingested")
     done = sorted({item["symbol"] for item in _items(written)})
     missing = [s for s in planned if s not in done]
+    if done and curated is None:  # curate failed: the run's leaf must say so
+        raise AirflowFailException(f"{interval}: {', '.join(done)} written but not curated (see the curate log)")
     if missing:
         raise AirflowFailException(
             f"{interval}: not ingested this run: {', '.join(missing)} (see their fetch/gap_check/write_raw "

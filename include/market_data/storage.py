@@ -257,10 +257,10 @@ class PartitionIO:
         target_dir = self.root / QUARANTINE_DIR
         target_dir.mkdir(parents=True, exist_ok=True)
         target = target_dir / f"{path.name}.{stamp}"
+        if self.on_quarantine is not None:  # on the record first: a crash after the move loses nothing
+            self.on_quarantine(path)
         path.rename(target)
         self.quarantined.append(str(path))
-        if self.on_quarantine is not None:
-            self.on_quarantine(path)
         log.warning("partition quarantined", path=str(path), moved_to=str(target), reason=reason[:300],
                     status="quarantined")
 
@@ -399,13 +399,24 @@ class RawStore:
     def quarantined_days(self, interval: str, symbol: str) -> list[int]:
         """Days whose partition was quarantined and that are not whole again yet: the series'
         record, which a partial rewrite of the day does not clear (the whole day is refetched)."""
-        return self._state(symbol, interval).quarantined_days()
+        recorded = self._state(symbol, interval).quarantined_days()
+        return sorted(set(recorded) | set(self._quarantined_before_the_record(interval, symbol)))
+
+    def _quarantined_before_the_record(self, interval: str, symbol: str) -> list[int]:
+        """Days quarantined by a version that kept no record: a file in ``_quarantine/`` and no partition."""
+        directory = self.root / QUARANTINE_DIR
+        if not directory.exists():
+            return []
+        prefix = f"{symbol}_{interval}_"
+        keys = {name[len(prefix):len(prefix) + 8] for name in _names(directory) if name.startswith(prefix)}
+        days = sorted(day_from_key(key) for key in keys if key.isdigit())
+        present = set(self.existing_days(interval, symbol, days))
+        return [day for day in days if day not in present]
 
     def settle_quarantined(self, interval: str, symbol: str, complete: Callable[[int], bool]) -> list[int]:
-        """Take off the record the quarantined days for which ``complete(day)`` holds; returns them."""
-        done = [day for day in self.quarantined_days(interval, symbol) if complete(day)]
-        self._state(symbol, interval).drop_quarantined_days(done)
-        return done
+        """Take off the record the quarantined days for which ``complete(day)`` holds (judged under the
+        record's lock, so a day quarantined again meanwhile stays on it); returns them."""
+        return self._state(symbol, interval).settle_quarantined_days(complete)
 
     def existing_days(self, interval: str, symbol: str, days) -> list[int]:
         """Those of ``days`` (UTC day starts, in the given order) that have a partition: one stat
@@ -627,7 +638,10 @@ def prune_quarantine(root, retention_days: int, now=None) -> list[str]:
         stamped = datetime.strptime(match["stamp"], "%Y%m%dT%H%M%S%f").replace(tzinfo=timezone.utc)
         if stamped < cutoff:
             path = directory / name
-            path.unlink()
+            try:
+                path.unlink()
+            except FileNotFoundError:  # another task pruned it first
+                continue
             removed.append(str(path))
             log.info("quarantined file removed", path=str(path), quarantined_at=stamped.isoformat(),
                      retention_days=retention_days, status="pruned")

@@ -135,3 +135,31 @@ def test_fetch_warns_when_a_symbol_is_not_trading(capsys):
     assert pipeline.warn_unless_trading(OnBreak([]), "BTCUSDT", "1h") == "BREAK"
     (line,) = [line for line in capsys.readouterr().out.splitlines() if "symbol not trading" in line]
     assert "symbol=BTCUSDT" in line and "symbol_status=BREAK" in line and "warning" in line
+
+
+def test_abandoned_staging_is_removed_on_object_stores_too(object_store):
+    from dataclasses import replace
+
+    url, memory, bucket = object_store
+    settings = replace(load_settings({}), raw_data_dir=f"{url}/raw")
+    run_dir = ingestion.staging_root(settings) / "1h" / "scheduled__failed"
+    (run_dir / "BTCUSDT").mkdir(parents=True, exist_ok=True)
+    (run_dir / "BTCUSDT" / "fetch.parquet").write_bytes(b"partial")
+    pipeline._drop_abandoned_staging(settings, "1h", now_s=time.time() + 3600)  # an hour later: kept
+    assert memory.exists(f"{bucket}/raw/_staging/1h/scheduled__failed/BTCUSDT/fetch.parquet")
+    pipeline._drop_abandoned_staging(settings, "1h", now_s=time.time() + 3 * 86_400)  # three days later
+    assert not memory.exists(f"{bucket}/raw/_staging/1h/scheduled__failed/BTCUSDT/fetch.parquet")
+
+
+def test_report_fails_the_run_when_a_symbol_or_the_curation_is_missing():
+    from airflow.sdk.exceptions import AirflowFailException
+
+    written = [{"symbol": "BTCUSDT", "days": []}, {"symbol": "ETHUSDT", "days": []}]
+    assert pipeline.report("1h", ["BTCUSDT", "ETHUSDT"], written, {"symbols": []})["symbols"] == ["BTCUSDT", "ETHUSDT"]
+    assert pipeline.report("1h", ["BTCUSDT"], written[0], {"symbols": []})["symbols"] == ["BTCUSDT"]  # a lone result
+    with pytest.raises(AirflowFailException, match="not ingested this run: ETHUSDT"):
+        pipeline.report("1h", ["BTCUSDT", "ETHUSDT"], written[:1], {"symbols": []})
+    with pytest.raises(AirflowFailException, match="written but not curated"):
+        pipeline.report("1h", ["BTCUSDT", "ETHUSDT"], written, None)  # curate failed
+    with pytest.raises(AirflowFailException, match="not planned"):
+        pipeline.report("1h", None, None, None)  # plan failed
