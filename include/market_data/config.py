@@ -12,18 +12,19 @@ from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Mapping
 
+from binance_provider.facts import (  # Binance facts belong to the provider; re-exported for the domain
+    BINANCE_CONN_ID,
+    DEFAULT_BINANCE_HOST,
+    MAX_REQUEST_WEIGHT,
+    SYMBOL_PATTERN,
+    HookSettings,
+    validate_symbol,
+)
 from binance_provider.hooks.intervals import BINANCE_INTERVALS_MS
 
 # The six timeframes this pipeline ingests and curates.
 PIPELINE_INTERVALS: tuple[str, ...] = ("15m", "30m", "1h", "4h", "1d", "1w")
 
-SYMBOL_PATTERN = r"^[A-Z0-9]{5,20}$"
-_SYMBOL_RE = re.compile(SYMBOL_PATTERN)
-DEFAULT_BINANCE_HOST = "https://data-api.binance.vision"
-BINANCE_CONN_ID = "binance_default"
-# Weight of the heaviest request the pipeline sends (/api/v3/exchangeInfo); a smaller budget
-# could never send it.
-MAX_REQUEST_WEIGHT = 20
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -31,24 +32,14 @@ class ConfigError(ValueError):
     """A configuration value a user set is wrong; the message names the variable."""
 
 
-def validate_symbol(symbol: object, name: str = "symbol") -> str:
-    """Return ``symbol`` if it is a Binance spot symbol, else ``ValueError`` naming ``name``."""
-    if not isinstance(symbol, str) or not _SYMBOL_RE.match(symbol):
-        raise ValueError(
-            f"{name}={symbol!r} is not a Binance symbol: expected upper-case letters/digits "
-            f"matching {SYMBOL_PATTERN} (e.g. BTCUSDT)"
-        )
-    return symbol
-
-
 @dataclass(frozen=True)
 class Settings:
     symbols: tuple[str, ...] = ("BTCUSDT",)
     intervals: tuple[str, ...] = PIPELINE_INTERVALS
-    rate_limit_weight: int = 6000
-    rate_limit_window_s: float = 60.0
-    rate_limit_safety: float = 0.8
-    max_concurrency: int = 4
+    rate_limit_weight: int = HookSettings.rate_limit_weight
+    rate_limit_window_s: float = HookSettings.rate_limit_window_s
+    rate_limit_safety: float = HookSettings.rate_limit_safety
+    max_concurrency: int = HookSettings.max_concurrency
     pool: str = "binance_api"
     pool_slots: int = 4
     raw_data_dir: str = "data/raw"
@@ -65,7 +56,13 @@ class Settings:
     @property
     def rate_limit_budget(self) -> int:
         """Weight the client allows itself per window."""
-        return max(1, int(self.rate_limit_weight * self.rate_limit_safety))
+        return self.hook_settings().rate_limit_budget
+
+    def hook_settings(self) -> HookSettings:
+        """The provider's settings object: what the hook needs of this configuration."""
+        return HookSettings(rate_limit_weight=self.rate_limit_weight, rate_limit_window_s=self.rate_limit_window_s,
+                            rate_limit_safety=self.rate_limit_safety, max_concurrency=self.max_concurrency,
+                            log_level=self.log_level)
 
     @property
     def ingest_start_ms(self) -> int:

@@ -95,7 +95,7 @@ class BinanceRestSource:
         if hook is None:
             from binance_provider.hooks.binance import BinanceHook  # deferred: imports Airflow
 
-            hook = BinanceHook(binance_conn_id=conn_id, settings=settings)
+            hook = BinanceHook(binance_conn_id=conn_id, settings=settings.hook_settings())
         self.hook = hook
         self.settings = settings
 

@@ -11,6 +11,7 @@ import logging
 import os
 
 import structlog
+from binance_provider.metrics import emit  # the project's one metrics helper
 
 
 class _LevelFilteredLogger:
@@ -49,27 +50,13 @@ def get_logger(name: str) -> _LevelFilteredLogger:
     return _LevelFilteredLogger(structlog.get_logger(name), level)
 
 
-def _stats():
-    try:
-        from airflow.sdk.observability import stats
-    except ImportError:  # plain-Python use without Airflow installed
-        return None
-    return stats
-
-
 def incr(name: str, count: int = 1) -> None:
-    stats = _stats()
-    if stats is not None:
-        stats.incr(name, count)
+    emit("incr", name, count)
 
 
 def gauge(name: str, value: float) -> None:
-    stats = _stats()
-    if stats is not None:
-        stats.gauge(name, value)
+    emit("gauge", name, value)
 
 
 def timing(name: str, milliseconds: float) -> None:
-    stats = _stats()
-    if stats is not None:
-        stats.timing(name, milliseconds)
+    emit("timing", name, milliseconds)

@@ -48,13 +48,8 @@ from binance_provider.klines import (
     parse_decimal,
     validate_klines,
 )
-from include.market_data.config import (
-    BINANCE_CONN_ID,
-    DEFAULT_BINANCE_HOST,
-    Settings,
-    load_settings,
-    validate_symbol,
-)
+from binance_provider.facts import BINANCE_CONN_ID, DEFAULT_BINANCE_HOST, HookSettings, validate_symbol
+from binance_provider.metrics import emit as _emit
 
 __all__ = [
     "BinanceAPIError",
@@ -113,15 +108,6 @@ class KlinePage:
 
 
 # -- statsd through Airflow's stats backend; metrics must never break a request -------------------
-
-
-def _emit(kind: str, name: str, *args: Any) -> None:
-    try:
-        from airflow.sdk.observability import stats
-
-        getattr(stats, kind)(name, *args)
-    except Exception:  # noqa: BLE001 - a metrics outage is not the caller's problem
-        return
 
 
 def page_windows(start_ms: int, end_ms: int, interval: str, page_size: int = MAX_KLINES_LIMIT) -> Iterator[tuple[int, int]]:
@@ -255,8 +241,8 @@ class BinanceHook(HttpHook):
 
     :param binance_conn_id: Airflow HTTP connection whose host is the API base URL; when it does
         not exist, ``https://data-api.binance.vision`` is used.
-    :param settings: pipeline settings (rate-limit budget, window, concurrency); default
-        :func:`include.market_data.config.load_settings`.
+    :param settings: :class:`binance_provider.facts.HookSettings` (rate-limit budget, window,
+        concurrency, log level); default: read from the hook's own environment variables.
     :param timeout_s: connect and read timeout of each request.
     :param max_tries: attempts per call in total, 429s and transient failures counted together.
     :param max_time_s: no attempt of a call starts later than this many seconds after its first
@@ -276,7 +262,7 @@ class BinanceHook(HttpHook):
         self,
         binance_conn_id: str = default_conn_name,
         *,
-        settings: Settings | None = None,
+        settings: HookSettings | None = None,
         timeout_s: float = 10.0,
         max_tries: int = 8,
         max_time_s: float = 300.0,
@@ -291,7 +277,8 @@ class BinanceHook(HttpHook):
         if not timeout_s > 0:
             raise ValueError(f"timeout_s={timeout_s} must be > 0")
         self.binance_conn_id = binance_conn_id
-        self.settings = settings if settings is not None else load_settings()
+        # Anything with HookSettings' attributes (the pipeline passes config.Settings.hook_settings()).
+        self.settings = settings if settings is not None else HookSettings.from_env()
         # One info line per request, unless LOG_LEVEL asks for less (failures always log).
         self._log_requests = logging.getLevelName(self.settings.log_level) <= logging.INFO
         self.timeout_s = timeout_s
