@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt plugins/pyproject.toml | sha1sum | cut -c1-12)
 
 BINANCE_HOST ?= https://data-api.binance.vision
 SANDBOX_PORT ?= 8900
@@ -22,17 +22,18 @@ export AIRFLOW__METRICS__STATSD_ON ?= True
 export AIRFLOW__METRICS__STATSD_HOST := $(STATSD_HOST)
 export AIRFLOW__METRICS__STATSD_PORT := $(STATSD_PORT)
 export AIRFLOW__LOGGING__LOGGING_LEVEL ?= $(or $(LOG_LEVEL),INFO)
-export PYTHONPATH := $(CURDIR):$(CURDIR)/plugins
+export PYTHONPATH := $(CURDIR)
 export PATH := $(BIN):$(PATH)
 
 .PHONY: venv run demo seed test bench sandbox airflow-setup clean
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt plugins/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps -e plugins  # the Binance provider, editable (see plugins/pyproject.toml)
 	$(BIN)/pip check
 	rm -f $(VENV)/.installed-* && touch $@
 
@@ -48,7 +49,7 @@ airflow-setup: venv
 run: airflow-setup
 	@$(BIN)/python -c "import sys, requests; requests.get('$(BINANCE_HOST)/api/v3/ping', timeout=5).raise_for_status()" 2>/dev/null \
 	  || echo "Binance at $(BINANCE_HOST) is unreachable from here; starting anyway - for an offline demo use 'make demo'."
-	@echo "Airflow UI on http://localhost:$(AIRFLOW_PORT) - admin password in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated"
+	@echo "Airflow UI on http://localhost:$(AIRFLOW_PORT) - user admin, password in $(AIRFLOW_HOME)/simple_auth_manager_passwords.json.generated"
 	airflow standalone
 
 # The same as run, against the local Binance sandbox (started here, stopped on exit).

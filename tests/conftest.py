@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-for entry in (str(ROOT / "plugins"), str(ROOT)):
-    if entry not in sys.path:
-        sys.path.insert(0, entry)
+if str(ROOT) not in sys.path:  # include.*; binance_provider is an installed package (make venv)
+    sys.path.insert(0, str(ROOT))
 
 # Airflow reads its configuration when first imported: point it at a throw-away home
 # before any test module imports it, so tests never touch a developer's .airflow/.
@@ -27,7 +26,7 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
 os.environ["AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION"] = "False"
 os.environ["AIRFLOW__METRICS__STATSD_ON"] = "False"
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "plugins"), os.environ.get("PYTHONPATH")) if p)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 for name in ("BINANCE_SYMBOLS", "BINANCE_INTERVALS", "RAW_DATA_DIR", "CURATED_DATA_DIR", "SIGNAL_DATA_DIR",
              "BINANCE_RATE_LIMIT_WEIGHT", "BINANCE_RATE_LIMIT_WINDOW_S", "BINANCE_RATE_LIMIT_SAFETY",
              "BINANCE_MAX_CONCURRENCY", "INGEST_START", "GAP_CHECK_LOOKBACK_DAYS", "LOG_LEVEL"):

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 
 def get_provider_info() -> dict:
-    """Provider metadata in the shape Airflow providers declare (hooks and connection type)."""
+    """Provider metadata, registered through the ``apache_airflow_provider`` entry point (plugins/pyproject.toml)."""
     return {
         "package-name": "binance-provider",
+        "versions": ["0.1.0"],
         "name": "Binance",
         "description": "Binance spot REST API: klines, tickers and exchange info with weight-aware rate limiting.",
         "integrations": [
             {"integration-name": "Binance", "external-doc-url": "https://developers.binance.com/docs/binance-spot-api-docs"}
         ],
         "hooks": [{"integration-name": "Binance", "python-modules": ["binance_provider.hooks.binance"]}],
-        # Binance uses a plain HTTP connection (conn_type "http", host = API base URL).
+        # Binance uses a plain HTTP connection (conn_type "http", host = API base URL), a type the
+        # HTTP provider registers already: declaring it again would be ignored with a warning.
         "connection-types": [],
     }

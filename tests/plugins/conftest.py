@@ -1,4 +1,4 @@
-"""Make ``plugins/`` importable as Airflow does (``binance_provider``) and the project root as ``include``."""
+"""Provider tests: ``binance_provider`` is the installed package; the project root gives ``include``."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 _ROOT = Path(__file__).resolve().parents[2]
-for _path in (str(_ROOT), str(_ROOT / "plugins")):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
 
 
 @pytest.fixture(autouse=True)

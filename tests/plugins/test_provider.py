@@ -44,3 +44,22 @@ def test_the_pipeline_settings_build_the_hook_settings():
     settings = load_settings({"BINANCE_RATE_LIMIT_WEIGHT": "1200", "BINANCE_MAX_CONCURRENCY": "2"})
     assert settings.hook_settings() == HookSettings(rate_limit_weight=1200, max_concurrency=2)
     assert settings.rate_limit_budget == 960 and validate_symbol("BTCUSDT") == "BTCUSDT"
+
+
+def test_the_provider_is_an_installed_distribution_airflow_registers(tmp_path):
+    """Nothing on sys.path but the installed packages: the hook imports, and Airflow's providers
+    manager lists the provider through its apache_airflow_provider entry point."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import binance_provider.hooks.binance as hook\n"
+             "from airflow.providers_manager import ProvidersManager\n"
+             "info = ProvidersManager().providers['binance-provider']\n"
+             "print(hook.BinanceHook.hook_name, info.version)\n")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "AIRFLOW_HOME": str(tmp_path / "airflow"),
+           "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "Binance 0.1.0"
