@@ -81,13 +81,16 @@ def build_dag(interval: str):
         },
         params={
             "start": Param(None, type=["null", "string"], pattern=ISO_TIME_PATTERN, title="start (UTC)",
-                           description="Manual window start, inclusive: 2024-01-31 or 2024-01-31T10:00Z. "
+                           description="Window start, inclusive, UTC: 2024-01-31 or 2024-01-31T10:00Z. "
                                        "Empty: the run's data interval."),
             "end": Param(None, type=["null", "string"], pattern=ISO_TIME_PATTERN, title="end (UTC)",
-                         description="Manual window end, exclusive; clipped to the last closed candle."),
+                         description="Window end, exclusive, UTC: 2024-02-01 or 2024-02-01T00:00Z "
+                                     "(clipped to the last closed candle). Empty: the run's data interval."),
             "symbols": Param(list(SETTINGS.symbols), type="array", minItems=1, uniqueItems=True,
                              items={"type": "string", "pattern": SYMBOL_PATTERN, "enum": list(SETTINGS.symbols)},
-                             title="symbols", description="Symbols to ingest (of BINANCE_SYMBOLS)"),
+                             title="symbols",
+                             description="Symbols to ingest, one or more of BINANCE_SYMBOLS: BTCUSDT, ETHUSDT. "
+                                         "Default: all of them."),
         },
         doc_md=__doc__,
     )

@@ -84,11 +84,12 @@ def signal_date(data_interval_end: datetime) -> str:
     },
     params={
         "symbol": Param(SETTINGS.symbols[0], type="string", enum=list(SETTINGS.symbols), title="symbol",
-                        description="Symbol of the signal (one of BINANCE_SYMBOLS)."),
+                        description="Symbol of the signal, one of BINANCE_SYMBOLS: BTCUSDT."),
         "max_wait_minutes": Param(DEFAULT_MAX_WAIT_MINUTES, type="integer", minimum=0,
                                   maximum=MAX_WAIT_LIMIT_MINUTES, title="max wait (minutes)",
-                                  description="How long to wait for fresh curated data before writing "
-                                              "a stale_data signal."),
+                                  description="Minutes past the signal time (RECOMMENDATION_UPDATE_TIME, "
+                                              "12:00 UTC) to wait for fresh curated data before writing a "
+                                              "stale_data signal: 30 (0 to 360). 0: look once."),
     },
     doc_md=__doc__,
 )

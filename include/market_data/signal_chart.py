@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +29,12 @@ TRADE_LINES = (  # signal key, label, colour
     ("stop_loss", "stop", "#c62828"),
     ("take_profit", "target", "#2e7d32"),
 )
+# A stale signal's reason goes under its title, wrapped: at 10 pt, 130 characters stay well
+# inside the 14 in wide axes; more than REASON_MAX_LINES lines are cut short with " ...".
+REASON_WRAP_CHARS = 130
+REASON_MAX_LINES = 4
+REASON_FONT_PT = 10
+REASON_LINE_PT = REASON_FONT_PT * 1.2  # matplotlib's default line spacing
 PIVOT_LINES = (  # column, label, colour, line style
     ("r2", "R2", "#8e24aa", ":"),
     ("r1", "R1", "#8e24aa", "--"),
@@ -60,8 +67,19 @@ def render_chart_bytes(frame_1h: pd.DataFrame, signal: Mapping, *, days: int = 5
     Candles are the 1h rows of ``signal["symbol"]`` that closed at or before
     ``signal["as_of"]`` (the newest candle the signal used, so nothing later is shown),
     limited to the last ``days`` days. A stale signal is drawn from whatever rows exist,
-    titled STALE DATA.
+    titled with its symbol, date and STALE DATA (its status), the reason wrapped below.
     """
+    import matplotlib.style
+
+    with matplotlib.style.context("default"):
+        figure = chart_figure(frame_1h, signal, days=days)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=CHART_DPI, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def chart_figure(frame_1h: pd.DataFrame, signal: Mapping, *, days: int = 5):
+    """The chart as a matplotlib ``Figure`` on an Agg canvas (not saved), as :func:`render_chart_bytes` draws it."""
     if days < 1:
         raise ValueError(f"days must be at least 1, got {days}")
     candles = _chart_candles(frame_1h, signal, days)
@@ -72,15 +90,16 @@ def render_chart_bytes(frame_1h: pd.DataFrame, signal: Mapping, *, days: int = 5
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    reason_lines = _reason_lines(signal) if signal.get("status") != "ok" else []
+    # The axes give up the room the reason's lines take between the title and the plot.
+    reason_height = len(reason_lines) * REASON_LINE_PT / (CHART_SIZE_INCHES[1] * 72)
     with matplotlib.style.context("default"):
         figure = Figure(figsize=CHART_SIZE_INCHES, dpi=CHART_DPI)
         FigureCanvasAgg(figure)
-        figure.subplots_adjust(left=0.06, right=0.98, top=0.94, bottom=0.08)
+        figure.subplots_adjust(left=0.06, right=0.98, top=0.94 - reason_height, bottom=0.08)
         axes = figure.add_subplot(1, 1, 1)
-        _draw(axes, candles, signal, mdates)
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=CHART_DPI, metadata={"Software": None})
-    return buffer.getvalue()
+        _draw(axes, candles, signal, mdates, reason_lines)
+    return figure
 
 
 def _chart_candles(frame_1h: pd.DataFrame, signal: Mapping, days: int) -> pd.DataFrame:
@@ -100,9 +119,19 @@ def _chart_candles(frame_1h: pd.DataFrame, signal: Mapping, days: int) -> pd.Dat
     return rows.reset_index(drop=True)
 
 
-def _draw(axes, candles: pd.DataFrame, signal: Mapping, mdates) -> None:
+def _draw(axes, candles: pd.DataFrame, signal: Mapping, mdates, reason_lines: list[str]) -> None:
     stale = signal.get("status") != "ok"
-    axes.set_title(_title(candles, signal), fontsize=13, color="#b71c1c" if stale else "black")
+    title_color = "#b71c1c" if stale else "black"
+    if reason_lines:
+        # Title (symbol, date, status) on top; the wrapped reason between it and the plot.
+        gap_pt = 4
+        axes.set_title(_title(candles, signal), fontsize=13, color=title_color,
+                       pad=6 + gap_pt + len(reason_lines) * REASON_LINE_PT)
+        axes.annotate("\n".join(reason_lines), xy=(0.5, 1.0), xycoords="axes fraction",
+                      xytext=(0, gap_pt), textcoords="offset points", ha="center", va="bottom",
+                      fontsize=REASON_FONT_PT, color=title_color)
+    else:
+        axes.set_title(_title(candles, signal), fontsize=13, color=title_color)
     axes.grid(True, color="#e0e0e0", linewidth=0.6)
     axes.set_ylabel("price")
     if candles.empty:
@@ -182,11 +211,26 @@ def _title(candles: pd.DataFrame, signal: Mapping) -> str:
     # as_of is a close time (hh:59:59.999): shown as the minute the candle closed.
     date = pd.Timestamp(moment).ceil("min").strftime("%Y-%m-%d %H:%M UTC") if moment else "no data"
     if signal.get("status") != "ok":
-        reason = signal.get("reason") or "inputs not fresh"
-        return f"{symbol}  {date}  STALE DATA: {reason}"
+        # The reason is drawn under the title (see _draw), so these stay in view.
+        if not moment and signal.get("date"):
+            date = f"{signal['date']} (no data)"
+        return f"{symbol}  {date}  STALE DATA ({signal.get('status') or 'stale_data'})"
     confidence = signal.get("confidence")
     confidence_text = f"{confidence:.2f}" if isinstance(confidence, (int, float)) else "?"
     return f"{symbol}  {date}  {str(signal.get('direction')).upper()}  confidence {confidence_text}"
+
+
+def _reason_lines(signal: Mapping) -> list[str]:
+    """A stale signal's reason wrapped to lines of at most REASON_WRAP_CHARS, REASON_MAX_LINES at most."""
+    reason = " ".join(str(signal.get("reason") or "inputs not fresh").split())
+    lines = textwrap.wrap(reason, width=REASON_WRAP_CHARS, break_long_words=True, break_on_hyphens=False)
+    if len(lines) > REASON_MAX_LINES:
+        rest = " ".join(lines[REASON_MAX_LINES - 1:])
+        lines = lines[:REASON_MAX_LINES - 1] + [
+            textwrap.shorten(rest, width=REASON_WRAP_CHARS, placeholder=" ...")
+            if " " in rest[:REASON_WRAP_CHARS] else rest[:REASON_WRAP_CHARS - 4] + " ..."
+        ]
+    return lines or ["inputs not fresh"]
 
 
 def _finite(value) -> float | None:

@@ -663,6 +663,88 @@ def test_bad_window_or_limit_is_refused_without_a_request(sb, start, end, limit,
     assert requests_to(sb, total=0) == 0
 
 
+# -- windows given as datetimes (what Airflow hands a task as data_interval_start/end) -------------
+
+
+def _page_key(page: KlinePage) -> tuple:
+    return (page.symbol, page.interval, page.start_ms, page.end_ms, page.rows, page.dropped_open, page.rejected)
+
+
+def test_aware_datetimes_give_the_same_page_as_epoch_ms(sb):
+    import pendulum
+
+    hook = make_hook()
+    start, end = datetime(2021, 5, 10, tzinfo=timezone.utc), datetime(2021, 5, 10, 12, tzinfo=timezone.utc)
+    by_ms = hook.klines("BTCUSDT", "15m", ms("2021-05-10"), ms("2021-05-10T12:00"))
+    by_datetime = hook.klines("BTCUSDT", "15m", start, end)
+    by_name = hook.klines("BTCUSDT", "15m", start_ms=start, end_ms=end)
+    mixed = hook.klines("BTCUSDT", "15m", start, ms("2021-05-10T12:00"))
+    # Airflow's data_interval_start/end are pendulum DateTimes.
+    by_pendulum = hook.klines("BTCUSDT", "15m", pendulum.instance(start), pendulum.instance(end))
+    assert len(by_ms.rows) == 48
+    assert type(by_datetime.start_ms) is int and type(by_datetime.end_ms) is int
+    assert (by_datetime.start_ms, by_datetime.end_ms) == (ms("2021-05-10"), ms("2021-05-10T12:00"))
+    for page in (by_datetime, by_name, mixed, by_pendulum):
+        assert _page_key(page) == _page_key(by_ms)
+
+    pages_by_ms = list(hook.iter_klines("BTCUSDT", "1h", ms("2021-01-01"), ms("2021-03-01"), concurrency=1))
+    pages_by_datetime = list(hook.iter_klines(
+        "BTCUSDT", "1h", start_ms=datetime(2021, 1, 1, tzinfo=timezone.utc),
+        end_ms=datetime(2021, 3, 1, tzinfo=timezone.utc), concurrency=1,
+    ))
+    assert len(pages_by_ms) == 2  # 1416 hours in pages of 1000
+    assert [_page_key(p) for p in pages_by_datetime] == [_page_key(p) for p in pages_by_ms]
+
+
+def test_non_utc_aware_datetimes_are_converted_exactly(sb):
+    hook = make_hook()
+    plus_two = timezone(timedelta(hours=2))
+    # 12:00+02:00 is 10:00 UTC.
+    page = hook.klines("BTCUSDT", "1h", datetime(2024, 1, 31, 12, tzinfo=plus_two),
+                       datetime(2024, 1, 31, 15, tzinfo=plus_two))
+    start, end = ms("2024-01-31T10:00"), ms("2024-01-31T13:00")
+    assert (page.start_ms, page.end_ms) == (start, end)
+    assert [row[0] for row in page.rows] == [start, start + HOUR_MS, start + 2 * HOUR_MS]
+    assert page.rows == sb.truth("BTCUSDT", "1h", start, end)
+    # West of UTC and across midnight: 2024-01-31 20:00-05:00 is 2024-02-01 01:00 UTC.
+    minus_five = timezone(timedelta(hours=-5))
+    west = hook.klines("BTCUSDT", "1h", datetime(2024, 1, 31, 20, tzinfo=minus_five),
+                       datetime(2024, 1, 31, 22, tzinfo=minus_five))
+    assert (west.start_ms, west.end_ms) == (ms("2024-02-01T01:00"), ms("2024-02-01T03:00"))
+    assert west.rows == sb.truth("BTCUSDT", "1h", ms("2024-02-01T01:00"), ms("2024-02-01T03:00"))
+    # Whole milliseconds stay exact; a time between two is rounded up (same open times either way).
+    t = datetime(2024, 1, 31, 10, 0, 0, 1000, tzinfo=timezone.utc)
+    assert hook.klines("BTCUSDT", "1h", t, t + timedelta(hours=2)).start_ms == start + 1
+    assert hook.klines("BTCUSDT", "1h", t - timedelta(microseconds=999), t + timedelta(hours=2)).start_ms == start + 1
+
+
+@pytest.mark.parametrize("named", ["start_ms", "end_ms"])
+@pytest.mark.parametrize("call", ["klines", "iter_klines"])
+def test_naive_datetime_is_refused_naming_the_parameter(sb, call, named):
+    hook = make_hook()
+    window = {"start_ms": datetime(2024, 1, 31, 10, tzinfo=timezone.utc),
+              "end_ms": datetime(2024, 1, 31, 12, tzinfo=timezone.utc)}
+    window[named] = window[named].replace(tzinfo=None)
+    with pytest.raises(ValueError, match=rf"^{named}=.*naive datetime") as caught:
+        getattr(hook, call)("BTCUSDT", "1h", **window)
+    assert "local time" in str(caught.value)
+    with pytest.raises(ValueError, match=rf"^{named}=.*naive datetime"):  # positionally as well
+        getattr(hook, call)("BTCUSDT", "1h", window["start_ms"], window["end_ms"])
+    assert requests_to(sb, total=0) == 0
+
+
+def test_datetime_window_is_checked_like_epoch_ms(sb):
+    hook = make_hook()
+    t = datetime(2024, 1, 31, 10, tzinfo=timezone.utc)
+    with pytest.raises(ValueError, match="start_ms=.* must be < end_ms"):
+        hook.klines("BTCUSDT", "1h", t, t.astimezone(timezone(timedelta(hours=2))))  # the same instant
+    with pytest.raises(ValueError, match="start_ms=.* must be >= 0"):
+        hook.klines("BTCUSDT", "1h", datetime(1969, 12, 31, tzinfo=timezone.utc), t)
+    with pytest.raises(ValueError, match="end_ms=.*int of epoch milliseconds or a timezone-aware datetime"):
+        hook.iter_klines("BTCUSDT", "1h", t, t.date())
+    assert requests_to(sb, total=0) == 0
+
+
 def test_binance_error_is_raised_at_once_without_retry(sb, metrics):
     hook = make_hook()
     start = ms("2024-01-01")

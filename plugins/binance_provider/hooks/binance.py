@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -136,14 +136,45 @@ def _check_interval(interval: Any) -> str:
     return interval
 
 
-def _check_window(start_ms: Any, end_ms: Any) -> None:
-    for name, value in (("start_ms", start_ms), ("end_ms", end_ms)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name}={value!r} must be an int of epoch milliseconds")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_ONE_MS = timedelta(milliseconds=1)
+
+
+def _epoch_ms(value: Any, name: str = "value") -> int:
+    """``value`` as epoch milliseconds: an int is taken as it is, a timezone-aware ``datetime``
+    (pendulum's and pandas' included, e.g. Airflow's ``data_interval_start``) is converted exactly.
+
+    A time between two milliseconds is rounded up: candles open on whole milliseconds, so the
+    half-open window ``[start, end)`` holds the same open times either way. A naive datetime is
+    refused (it is never read as local time), as is anything else.
+    """
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(
+                f"{name}={value!r} is a naive datetime: give it a timezone (e.g. tzinfo=timezone.utc), "
+                f"it is not read as local time"
+            )
+        utc = value.astimezone(timezone.utc)
+        # Rebuilt as a plain datetime: the arithmetic stays datetime's own (exact, integer).
+        plain = datetime(utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second, utc.microsecond,
+                         tzinfo=timezone.utc)
+        elapsed = plain - _EPOCH
+        whole_ms = elapsed // _ONE_MS
+        below_ms = elapsed - whole_ms * _ONE_MS > timedelta(0) or bool(getattr(value, "nanosecond", 0))
+        return whole_ms + 1 if below_ms else whole_ms
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} must be an int of epoch milliseconds or a timezone-aware datetime")
+    return value
+
+
+def _check_window(start_ms: Any, end_ms: Any) -> tuple[int, int]:
+    """``(start_ms, end_ms)`` as epoch ms ints (see :func:`_epoch_ms`), checked to be a window."""
+    start_ms, end_ms = _epoch_ms(start_ms, "start_ms"), _epoch_ms(end_ms, "end_ms")
     if start_ms < 0:
         raise ValueError(f"start_ms={start_ms} must be >= 0")
     if start_ms >= end_ms:
         raise ValueError(f"start_ms={start_ms} must be < end_ms={end_ms} (half-open window [start, end))")
+    return start_ms, end_ms
 
 
 # -- retry plumbing ----------------------------------------------------------------------------
@@ -632,14 +663,18 @@ class BinanceHook(HttpHook):
         self,
         symbol: str,
         interval: str,
-        start_ms: int,
-        end_ms: int,
+        start_ms: int | datetime,
+        end_ms: int | datetime,
         limit: int = MAX_KLINES_LIMIT,
         *,
         now_ms: int | None = None,
     ) -> KlinePage:
         """
         One ``/api/v3/klines`` request for open times in ``[start_ms, end_ms)``.
+
+        ``start_ms`` and ``end_ms`` are epoch milliseconds or timezone-aware datetimes (such as
+        a task's ``data_interval_start``/``data_interval_end``); a naive datetime is refused with
+        a ``ValueError``. The page's ``start_ms``/``end_ms`` are always epoch ms ints.
 
         The body is validated by :func:`binance_provider.klines.validate_klines`: a structurally
         malformed one is retried like any transient failure; a well-formed row that breaks a value
@@ -649,7 +684,7 @@ class BinanceHook(HttpHook):
         """
         validate_symbol(symbol, "symbol")
         _check_interval(interval)
-        _check_window(start_ms, end_ms)
+        start_ms, end_ms = _check_window(start_ms, end_ms)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_KLINES_LIMIT:
             raise ValueError(f"limit={limit!r} must be an int in 1..{MAX_KLINES_LIMIT}")
         params = {
@@ -718,14 +753,17 @@ class BinanceHook(HttpHook):
         self,
         symbol: str,
         interval: str,
-        start_ms: int,
-        end_ms: int,
+        start_ms: int | datetime,
+        end_ms: int | datetime,
         *,
         concurrency: int | None = None,
         now_ms: int | None = None,
     ) -> Iterator[KlinePage]:
         """
         Page through ``[start_ms, end_ms)`` with ``limit=1000``, yielding pages in time order.
+
+        ``start_ms`` and ``end_ms`` are epoch milliseconds or timezone-aware datetimes, as in
+        :meth:`klines`.
 
         Page windows hold at most 1000 grid slots, so each is one request; up to ``concurrency``
         (default ``settings.max_concurrency``; 1 is sequential) run at once and at most twice
@@ -734,7 +772,7 @@ class BinanceHook(HttpHook):
         """
         validate_symbol(symbol, "symbol")
         _check_interval(interval)
-        _check_window(start_ms, end_ms)
+        start_ms, end_ms = _check_window(start_ms, end_ms)
         workers = self.settings.max_concurrency if concurrency is None else concurrency
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"concurrency={concurrency!r} must be an int >= 1")
