@@ -11,6 +11,7 @@ import functools
 
 from decimal import Decimal
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa_schema
 import pyarrow as pa
@@ -19,7 +20,9 @@ import pyarrow.compute as pc
 from binance_provider.klines import ROW_RULES
 from include.market_data.timeframes import WEEK_ORIGIN_MS, interval_ms
 
-SCHEMA_VERSION = "1"
+# 2: raw day files carry ``symbol`` and ``interval`` columns (any tool can query a glob of them);
+# version-1 files, without them, still read and are rewritten as version 2 on their next merge.
+SCHEMA_VERSION = "2"
 DECIMAL_TYPE = pa.decimal128(38, 18)
 TIME_TYPE = pa.timestamp("ms", tz="UTC")
 
@@ -40,6 +43,23 @@ RAW_SCHEMA = pa.schema(
         for name in RAW_COLUMNS
     ]
 )
+
+
+# Dictionary-encoded on disk: one value per file, so the two columns cost almost nothing.
+SERIES_TYPE = pa.dictionary(pa.int32(), pa.string())
+RAW_FILE_SCHEMA = RAW_SCHEMA.append(pa.field("symbol", SERIES_TYPE, nullable=False)).append(
+    pa.field("interval", SERIES_TYPE, nullable=False))
+
+
+def with_series_columns(table: pa.Table, symbol: str, interval: str) -> pa.Table:
+    """RAW_SCHEMA rows -> the day file's columns (RAW_FILE_SCHEMA): ``symbol`` and ``interval`` added."""
+    n = table.num_rows
+
+    def constant(value: str) -> pa.DictionaryArray:
+        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([value]))
+
+    return pa.Table.from_arrays([*table.select(list(RAW_COLUMNS)).columns, constant(symbol), constant(interval)],
+                                schema=RAW_FILE_SCHEMA)
 
 
 class SchemaViolation(ValueError):

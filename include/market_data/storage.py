@@ -30,7 +30,7 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
 from include.market_data import observability
-from include.market_data.schema import RAW_SCHEMA, SCHEMA_VERSION, validate_raw
+from include.market_data.schema import RAW_COLUMNS, RAW_SCHEMA, SCHEMA_VERSION, validate_raw, with_series_columns
 from include.market_data.timeframes import DAY_MS, day_key, day_start_ms, now_ms
 
 log = observability.get_logger(__name__)
@@ -428,7 +428,11 @@ class RawStore:
         return [day for day in days if day in present]
 
     def read_day(self, interval: str, symbol: str, day_ms: int, columns: list[str] | None = None) -> pa.Table | None:
-        return self.io.read(self.path(interval, symbol, day_ms), columns=columns)
+        """One day's rows in RAW_SCHEMA (or ``columns``), whatever the file's schema version."""
+        table = self.io.read(self.path(interval, symbol, day_ms), columns=columns)
+        if table is None or columns is not None:
+            return table
+        return table.select(list(RAW_COLUMNS))
 
     def read(self, interval: str, symbol: str, start_ms: int, end_ms: int,
              columns: list[str] | None = None) -> pa.Table:
@@ -485,6 +489,16 @@ class RawStore:
         results = []
         for day, rows in sorted(_split_by_day(table).items()):
             new_times = pc.cast(rows.column("open_time"), pa.int64()).to_numpy()
+            rows = with_series_columns(rows, symbol, interval)
+
+            def upgrade(existing: pa.Table, new=rows, times=new_times) -> pa.Table | None:
+                """A version-1 file (no symbol/interval columns) is rewritten whole as version 2."""
+                if "symbol" in existing.column_names:
+                    return None
+                old = with_series_columns(existing.replace_schema_metadata(None), symbol, interval)
+                kept = ~np.isin(pc.cast(old.column("open_time"), pa.int64()).to_numpy(), times)
+                return pa.concat_tables([old.filter(pa.array(kept)), new])
+
             results.append(
                 self.io.merge(
                     self.path(interval, symbol, day),
@@ -494,8 +508,9 @@ class RawStore:
                     replaces=lambda existing, t=new_times: np.isin(
                         pc.cast(existing.column("open_time"), pa.int64()).to_numpy(), t),
                     sort_keys=[("open_time", "ascending")],
-                    validate=lambda merged: validate_raw(merged, interval),
+                    validate=lambda merged: validate_raw(merged.select(list(RAW_COLUMNS)), interval),
                     new_validated=True,
+                    rebuild=upgrade,
                 )
             )
         return results
