@@ -151,7 +151,7 @@ def setup_env(workdir: Path, url: str) -> None:
 def warm_sandbox(url: str, intervals, end_ms: int) -> tuple[int, float]:
     """Fetch every page of every interval once (no latency): the server's caches hold all history."""
     import requests
-    from binance_provider.hooks.binance import page_windows
+    from binance_provider.klines import page_windows
 
     from include.market_data.timeframes import to_ms
 

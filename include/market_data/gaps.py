@@ -9,19 +9,33 @@ Beside it, :class:`SeriesState` (``_gaps/<SYMBOL>_<interval>.state.json``) keeps
 what the gap check must remember about a series: the symbol's first candle on Binance
 (nothing before it is history, nor a gap) and the days whose partition was quarantined,
 until every slot of them is back or is a known gap.
+
+The gap check itself lives here too (:func:`gap_check`): it finds the missing slots of a
+window and its lookback, refetches them into staging and records what Binance still lacks.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from include.market_data.storage import PartitionIO, atomic_write
-from include.market_data.timeframes import HOUR_MS, grid, interval_ms
+from include.market_data import observability
+from include.market_data.config import Settings
+from include.market_data.sources import KlineSource
+from include.market_data.staging import STAGING_SCHEMA, _batch_table, _staging_writer, read_staged, stage_ranges
+from include.market_data.storage import PartitionIO, RawStore, atomic_write
+from include.market_data.timeframes import (
+    DAY_MS, HOUR_MS, ceil_to_grid, closed_end, day_start_ms, floor_to_grid, grid, interval_ms, ms_to_utc, now_ms,
+)
+from include.market_data.windows import Window
+
+log = observability.get_logger(__name__)
 
 RECHECK_BASE_MS = HOUR_MS
 RECHECK_CAP_MS = int(timedelta(days=7).total_seconds() * 1000)
@@ -178,8 +192,6 @@ class GapRegistry:
         return pa.Table.from_arrays(arrays, schema=GAP_SCHEMA)
 
 
-
-
 class SeriesState:
     """``_gaps/<SYMBOL>_<interval>.state.json``: the first candle of the series and the days whose
     partition was quarantined and is not whole again yet. Updated under a lock, written atomically."""
@@ -244,3 +256,200 @@ class SeriesState:
             state["quarantined_days"] = [d for d in before if d not in done]
         self._update(change)
         return done
+
+
+# -- gap detection: find missing slots, refetch them, record Binance's holes -----------------
+# How long after a candle closes Binance may take to serve it before a hole counts as an outage;
+# the gap check polls for such candles every PUBLISH_POLL_S until then (inside the task).
+PUBLISH_GRACE_MS = 5 * 60_000
+PUBLISH_POLL_S = 10.0
+# Quarantined days one run refetches at most (each is one request or two): the rest wait for the next run.
+MAX_QUARANTINED_DAYS_PER_RUN = 31
+# Indirections so tests can run the bounded polls without waiting.
+_sleep = time.sleep
+_monotonic = time.monotonic
+
+
+# -- where a series' history begins ------------------------------------------------------
+def history_start_ms(source: KlineSource, state: SeriesState, settings: Settings, symbol: str,
+                     interval: str) -> int:
+    """Where the series' history begins: the symbol's first candle on Binance (looked up once, then
+    kept with the gap registry), never before INGEST_START's grid slot. Nothing before it is a gap
+    and nothing before it is requested."""
+    floor = floor_to_grid(settings.ingest_start_ms, interval)
+    first = state.first_open_ms
+    if first is None:
+        lookup = getattr(source, "first_open_ms", None)
+        first = lookup(symbol, interval) if lookup is not None else None
+        if first is None:  # no candle yet (or a source that cannot tell): nothing to remember
+            return floor
+        state.set_first_open_ms(first)
+        log.info("first candle", symbol=symbol, interval=interval, first_open=ms_to_utc(first).isoformat(),
+                 status="ok")
+    return max(floor, first)
+
+
+# -- gap check ---------------------------------------------------------------------------
+@dataclass
+class GapSummary:
+    symbol: str
+    interval: str
+    checked_start_ms: int
+    checked_end_ms: int
+    gaps_found: int = 0
+    gaps_filled: int = 0
+    known_gap_slots: int = 0
+    skipped_known_slots: int = 0
+    refetched_ranges: list[tuple[int, int]] = field(default_factory=list)
+    quarantined_days: list[int] = field(default_factory=list)
+    path: str | None = None
+
+
+def gap_check(source: KlineSource, store: RawStore, registry: GapRegistry, symbol: str, window: Window,
+              staged: list[str], *, lookback_days: int, floor_ms: int, now: int, path,
+              history_start_ms: int | None = None) -> GapSummary:
+    """Find missing slots in ``window`` plus the lookback, refetch them, record Binance's holes.
+
+    ``floor_ms``: nothing before it is checked. ``history_start_ms``: where the series' history
+    begins (its first candle): slots before it are no gap. Every run also refetches whole the
+    days on the quarantine record, wherever they lie, and a scheduled run (``lookback_days``)
+    the known gaps due for a re-check.
+    """
+    interval = window.interval
+    checked_end = window.end_ms
+    checked_start = min(window.start_ms, checked_end - lookback_days * DAY_MS)
+    if lookback_days:
+        # Airflow down for longer than the lookback (catchup is off): resume from the newest
+        # stored candle, or those candles would never be fetched.
+        newest = _newest_close_before(store, symbol, interval, max(floor_ms, checked_start))
+        if newest is not None:
+            checked_start = min(checked_start, newest + 1)
+    series_start = floor_ms if history_start_ms is None else history_start_ms
+    checked_start = ceil_to_grid(max(floor_ms, series_start, checked_start), interval)
+    summary = GapSummary(symbol, interval, checked_start, checked_end, path=None)
+    holes: list[tuple[int, int]] = []
+    if checked_end > checked_start:
+        staged_times = pc.cast(read_staged(staged).column("open_time"), pa.int64()).to_numpy()
+        stored_times = store.open_times(interval, symbol, checked_start, checked_end)
+        holes = missing_ranges(np.concatenate([staged_times, stored_times]), checked_start, checked_end, interval)
+        summary.gaps_filled = registry.resolve(holes, checked_start, checked_end)
+    if lookback_days:
+        # Known gaps due for a re-check, wherever they lie (never before the series' first candle).
+        holes += [(max(s, series_start), e) for s, e in registry.due_outside(checked_start, checked_end, now)
+                  if e > series_start]
+    # A quarantined day is refetched whole, whoever touches it first: the record keeps it until
+    # every slot is back or is a known gap (see settle_quarantined).
+    last_closed = closed_end(now, interval)
+    for day in store.quarantined_days(interval, symbol)[:MAX_QUARANTINED_DAYS_PER_RUN]:
+        day_start, day_end = ceil_to_grid(max(day, series_start), interval), min(day + DAY_MS, last_closed)
+        if day_start < day_end:
+            summary.quarantined_days.append(day)
+            holes += missing_ranges(np.empty(0, np.int64), day_start, day_end, interval)
+    holes = _merged(holes)
+    summary.gaps_found = slot_count(holes, interval)
+    refetch, skipped = registry.to_refetch(holes, now)
+    summary.skipped_known_slots = slot_count(skipped, interval)
+    summary.refetched_ranges = refetch
+    if not refetch:
+        return summary
+    staged_refetch = stage_ranges(source, symbol, interval, refetch, path, keep_times=True)
+    summary.path = str(path)
+    found = np.asarray(staged_refetch.open_times, dtype=np.int64)
+    still_missing = [r for start, end in refetch for r in missing_ranges(found, start, end, interval)]
+    still_missing = _wait_for_publication(source, symbol, interval, still_missing, checked_end, now, path)
+    summary.gaps_filled += summary.gaps_found - summary.skipped_known_slots - slot_count(still_missing, interval)
+    known = registry.record(refetch, still_missing, now)
+    summary.known_gap_slots = sum(g.missing_slots for g in known
+                                  if g.start_ms < checked_end and checked_start < g.end_ms)
+    if still_missing:
+        log.warning("binance lacks candles", symbol=symbol, interval=interval, status="known_gap",
+                    ranges=[f"{ms_to_utc(s).isoformat()}/{ms_to_utc(e).isoformat()}" for s, e in still_missing])
+    return summary
+
+
+def _wait_for_publication(source: KlineSource, symbol: str, interval: str, still_missing: list[tuple[int, int]],
+                          checked_end: int, now: int, path) -> list[tuple[int, int]]:
+    """Candles that closed under PUBLISH_GRACE_MS ago may not be served yet: that is no outage.
+    Poll for them (inside the task: waiting is not failing) until they arrive or the grace has
+    passed; then what is still missing is a hole. Arrivals are appended to the staging file."""
+    tail = [r for r in still_missing if r[1] >= checked_end]  # (a quarantined day may reach past the window)
+    if not tail:
+        return still_missing
+    started = _monotonic()
+    elapsed_ms = 0.0
+    extra = STAGING_SCHEMA.empty_table()
+    while tail and now + elapsed_ms - checked_end < PUBLISH_GRACE_MS:
+        log.info("waiting for just-closed candles", symbol=symbol, interval=interval, status="waiting",
+                 missing_from=ms_to_utc(tail[0][0]).isoformat(), poll_s=PUBLISH_POLL_S)
+        _sleep(PUBLISH_POLL_S)
+        elapsed_ms = (_monotonic() - started) * 1000
+        start, end = tail[0]
+        arrived = [batch for batch in source.batches(symbol, interval, start, end) if batch.rows]
+        if arrived:
+            extra = pa.concat_tables([extra, *(_batch_table(b) for b in arrived)])
+            times = np.asarray([row[0] for b in arrived for row in b.rows], dtype=np.int64)
+            tail = missing_ranges(times, start, end, interval)
+    if extra.num_rows:
+        table = pa.concat_tables([read_staged([str(path)]), extra])
+        with _staging_writer(path) as writer:
+            writer.write_table(table)
+    return [r for r in still_missing if r[1] < checked_end] + tail
+
+
+def settle_quarantined(store: RawStore, registry: GapRegistry, symbol: str, interval: str, *,
+                       history_start: int, now: int) -> list[int]:
+    """Take off the quarantine record the days whose every slot (from the series' first candle up to
+    the last closed one) is stored or is a known gap; returns them."""
+    known = registry.load() if store.quarantined_days(interval, symbol) else []
+    last_closed = closed_end(now, interval)
+
+    def complete(day: int) -> bool:
+        start, end = max(day, history_start), min(day + DAY_MS, last_closed)
+        if start >= end:  # nothing of the day is history (before the first candle) or closed yet
+            return True
+        holes = missing_ranges(store.open_times(interval, symbol, start, end), start, end, interval)
+        return all(any(g.start_ms <= s and e <= g.end_ms for g in known) for s, e in holes)
+
+    done = store.settle_quarantined(interval, symbol, complete)
+    if done:
+        log.info("quarantined days whole again", symbol=symbol, interval=interval, status="restored",
+                 days=[ms_to_utc(d).date().isoformat() for d in done])
+    return done
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, overlapping or touching ranges joined."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _newest_close_before(store: RawStore, symbol: str, interval: str, before_ms: int) -> int | None:
+    """Newest stored close time, looking first at the day just before ``before_ms`` (one stat on
+    a store kept up to date) and listing every partition only when that day is missing."""
+    day = day_start_ms(before_ms - 1)
+    if store.existing_days(interval, symbol, [day]):
+        table = store.read_day(interval, symbol, day, columns=["close_time"])
+        if table is not None and table.num_rows:
+            return int(pc.max(pc.cast(table.column("close_time"), pa.int64())).as_py())
+    return newest_stored_close_ms(store, symbol, interval)
+
+
+def newest_stored_close_ms(store: RawStore, symbol: str, interval: str, *, since_day_ms: int | None = None,
+                           now: int | None = None) -> int | None:
+    """Close time of the newest stored candle. ``since_day_ms``: a day known to hold candles (one this
+    run wrote): only the days from today back to it are probed, instead of listing every partition."""
+    if since_day_ms is not None:
+        today = day_start_ms(now_ms() if now is None else now)
+        days = store.existing_days(interval, symbol, range(today, since_day_ms - 1, -DAY_MS))
+    else:
+        days = reversed(store.days(interval, symbol))
+    for day in days:
+        table = store.read_day(interval, symbol, day, columns=["close_time"])
+        if table is not None and table.num_rows:
+            return int(pc.max(pc.cast(table.column("close_time"), pa.int64())).as_py())
+    return None

@@ -26,14 +26,17 @@ from binance_provider.hooks.errors import BinanceAPIError
 from include.market_data import observability
 from include.market_data.config import ConfigError, Settings, load_settings
 from include.market_data.curation import CurationError, DataCuration
-from include.market_data.gaps import GapRegistry, SeriesState
-from include.market_data.ingestion import (
-    BinanceRestSource, InvalidInput, KlineSource, Window, WindowNotClosed, check_interval, check_symbol,
-    emit_ingest_metrics, fetch_to_staging, gap_check, history_start_ms, newest_stored_close_ms, resolve_window,
-    settle_quarantined, stage_ranges, staged_exists, staging_root, write_staged,
+from include.market_data.gaps import (
+    GapRegistry, SeriesState, gap_check, history_start_ms, newest_stored_close_ms, settle_quarantined,
 )
+from include.market_data.ingestion import emit_ingest_metrics, write_staged
+from include.market_data.sources import BinanceRestSource, KlineSource
+from include.market_data.staging import fetch_to_staging, stage_ranges, staged_exists, staging_root
 from include.market_data.storage import OpenCandleRefused, RawStore, prune_quarantine, resolve_root
 from include.market_data.timeframes import floor_to_grid, ms_to_utc, now_ms, to_ms
+from include.market_data.windows import (
+    InvalidInput, Window, WindowNotClosed, check_interval, check_symbol, resolve_window,
+)
 
 log = observability.get_logger(__name__)
 

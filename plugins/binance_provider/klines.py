@@ -15,6 +15,9 @@ Two kinds of bad rows, handled differently by :func:`validate_klines`:
   really serves for that slot: retrying would fetch it again. It is left out of the rows and
   reported as a :class:`RejectedRow`; its slot stays a hole for the gap check.
 
+Here too: a response's page of klines (:class:`KlinePage`, with its :class:`ResponseMeta`) and
+the split of a window into requests (:func:`page_windows`).
+
 No Airflow and no third-party imports: the raw schema imports this module too.
 """
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
@@ -35,12 +38,15 @@ __all__ = [
     "DECIMAL_FIELDS",
     "KLINE_FIELDS",
     "KlineCheck",
+    "KlinePage",
     "KlineValidationError",
     "MAX_KLINES_LIMIT",
     "ROW_RULES",
     "RejectedRow",
+    "ResponseMeta",
     "RowRule",
     "broken_rules",
+    "page_windows",
     "parse_decimal",
     "validate_klines",
 ]
@@ -373,3 +379,51 @@ def _validate_exact(rows: Any, interval: str, start_ms: int, end_ms: int,
         else:
             kept.append(row)
     return KlineCheck(kept, rejected)
+
+
+# -- pages: what one klines request answers, and how a window is split into requests ----------
+@dataclass(frozen=True)
+class ResponseMeta:
+    """Provenance of one successful response."""
+
+    source: str  # base URL
+    endpoint: str  # e.g. /api/v3/klines
+    latency_ms: float
+    fetched_at: str  # ISO-8601 UTC
+    used_weight: int | None  # X-MBX-USED-WEIGHT-1M
+    status: int
+    retries: int
+
+
+@dataclass(frozen=True)
+class KlinePage:
+    """Closed candles of one request for the half-open window ``[start_ms, end_ms)`` on open_time."""
+
+    symbol: str
+    interval: str
+    start_ms: int
+    end_ms: int
+    rows: list[list]  # 12-field rows as Binance sent them
+    meta: ResponseMeta
+    dropped_open: int  # candles still open at fetch time, left out of ``rows``
+    # Well-formed rows that break a value rule (binance_provider.klines.ROW_RULES): left out of
+    # ``rows`` and not retried (Binance would serve them again); their slots stay holes.
+    rejected: list[RejectedRow] = field(default_factory=list)
+
+
+def page_windows(start_ms: int, end_ms: int, interval: str, page_size: int = MAX_KLINES_LIMIT) -> Iterator[tuple[int, int]]:
+    """Split ``[start_ms, end_ms)`` into consecutive windows of at most ``page_size`` grid slots.
+
+    Boundaries after the first fall on the interval's grid; windows holding no grid slot are
+    skipped, so every window yields one request that can be answered in full.
+    """
+    first_open = grid_open(start_ms, interval)
+    if first_open < start_ms:
+        first_open = next_open(first_open, interval)
+    window_start = start_ms
+    boundary = first_open
+    while boundary < end_ms:
+        boundary = next_open(boundary, interval, page_size)
+        window_end = min(boundary, end_ms)
+        yield window_start, window_end
+        window_start = window_end

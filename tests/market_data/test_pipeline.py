@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from include.market_data import ingestion, pipeline
+from include.market_data import gaps, ingestion, pipeline
 from include.market_data.config import load_settings
 from include.market_data.ingestion import KlineBatch
 from include.market_data.schema import table_to_rows
@@ -112,9 +112,9 @@ class _PublishesLate:
 
 
 def test_gap_check_polls_for_just_closed_candles_inside_the_task(data_env, sandbox, monkeypatch):
-    monkeypatch.setattr(ingestion, "_sleep", lambda s: None)
+    monkeypatch.setattr(gaps, "_sleep", lambda s: None)  # the gap check's bounded poll lives in gaps
     clock = iter(range(0, 10_000, 10))
-    monkeypatch.setattr(ingestion, "_monotonic", lambda: next(clock))
+    monkeypatch.setattr(gaps, "_monotonic", lambda: next(clock))
     rows = sandbox.truth("BTCUSDT", "1h", to_ms("2024-02-29T22:00Z"), to_ms("2024-03-01T00:00Z"))
     source = _PublishesLate(rows)
     now = to_ms("2024-03-01T00:00:05Z")

@@ -16,9 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from dataclasses import field as dataclass_field
 from datetime import datetime, timedelta, timezone
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import requests
@@ -32,7 +30,7 @@ from binance_provider.hooks.errors import (
     BinanceRateLimited,
     BinanceUnavailable,
 )
-from binance_provider.hooks.intervals import BINANCE_INTERVALS, grid_open, next_open
+from binance_provider.hooks.intervals import BINANCE_INTERVALS
 from binance_provider.hooks.rate_limiter import (
     BanActive,
     BanRecord,
@@ -40,11 +38,23 @@ from binance_provider.hooks.rate_limiter import (
     normalize_endpoint,
     request_weight,
 )
+from binance_provider.hooks.transport import (
+    _TRANSPORT_ERRORS,
+    _error_body,
+    _json_body,
+    _require,
+    _retry_after_s,
+    _server_date_ms,
+    _used_weight,
+)
 from binance_provider.klines import (
     MAX_KLINES_LIMIT,
     KlineCheck,
+    KlinePage,
     KlineValidationError,
     RejectedRow,
+    ResponseMeta,
+    page_windows,
     parse_decimal,
     validate_klines,
 )
@@ -70,62 +80,6 @@ KLINES_ENDPOINT = "/api/v3/klines"
 _FAR_FUTURE_MS = 2**53  # an open-ended window for validate_klines
 # Binance bans start at two minutes; used only if a 418 comes without Retry-After.
 DEFAULT_BAN_S = 120.0
-_TRANSPORT_ERRORS = (
-    requests.Timeout,
-    requests.ConnectionError,
-    requests.exceptions.ChunkedEncodingError,
-    requests.exceptions.ContentDecodingError,
-)
-
-
-@dataclass(frozen=True)
-class ResponseMeta:
-    """Provenance of one successful response."""
-
-    source: str  # base URL
-    endpoint: str  # e.g. /api/v3/klines
-    latency_ms: float
-    fetched_at: str  # ISO-8601 UTC
-    used_weight: int | None  # X-MBX-USED-WEIGHT-1M
-    status: int
-    retries: int
-
-
-@dataclass(frozen=True)
-class KlinePage:
-    """Closed candles of one request for the half-open window ``[start_ms, end_ms)`` on open_time."""
-
-    symbol: str
-    interval: str
-    start_ms: int
-    end_ms: int
-    rows: list[list]  # 12-field rows as Binance sent them
-    meta: ResponseMeta
-    dropped_open: int  # candles still open at fetch time, left out of ``rows``
-    # Well-formed rows that break a value rule (binance_provider.klines.ROW_RULES): left out of
-    # ``rows`` and not retried (Binance would serve them again); their slots stay holes.
-    rejected: list[RejectedRow] = dataclass_field(default_factory=list)
-
-
-# -- statsd through Airflow's stats backend; metrics must never break a request -------------------
-
-
-def page_windows(start_ms: int, end_ms: int, interval: str, page_size: int = MAX_KLINES_LIMIT) -> Iterator[tuple[int, int]]:
-    """Split ``[start_ms, end_ms)`` into consecutive windows of at most ``page_size`` grid slots.
-
-    Boundaries after the first fall on the interval's grid; windows holding no grid slot are
-    skipped, so every window yields one request that can be answered in full.
-    """
-    first_open = grid_open(start_ms, interval)
-    if first_open < start_ms:
-        first_open = next_open(first_open, interval)
-    window_start = start_ms
-    boundary = first_open
-    while boundary < end_ms:
-        boundary = next_open(boundary, interval, page_size)
-        window_end = min(boundary, end_ms)
-        yield window_start, window_end
-        window_start = window_end
 
 
 def _check_interval(interval: Any) -> str:
@@ -210,54 +164,6 @@ class _Call:
     headers: dict[str, Any] | None = None
     timeout_s: float | None = None
     retries: int = 0
-
-
-def _json_body(response: Response) -> Any:
-    try:
-        return response.json()
-    except ValueError as exc:
-        raise KlineValidationError(f"body is not JSON ({exc}): {response.text[:120]!r}") from None
-
-
-def _used_weight(response: Response) -> int | None:
-    raw = response.headers.get("X-MBX-USED-WEIGHT-1M")
-    try:
-        return int(raw) if raw is not None else None
-    except ValueError:
-        return None
-
-
-def _server_date_ms(response: Response) -> int:
-    """The response's ``Date`` header in epoch ms (a large value when absent or unreadable)."""
-    try:
-        return int(parsedate_to_datetime(response.headers["Date"]).timestamp()) * 1000
-    except (KeyError, TypeError, ValueError, IndexError):
-        return 2**62
-
-
-def _retry_after_s(response: Response) -> float | None:
-    raw = response.headers.get("Retry-After")
-    try:
-        return max(0.0, float(raw)) if raw is not None else None
-    except ValueError:
-        return None
-
-
-def _error_body(response: Response) -> tuple[int | None, str]:
-    """Binance's ``{"code": -1121, "msg": "Invalid symbol."}``, or the raw text when it is not that."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and "msg" in body:
-        code = body.get("code")
-        return (code if isinstance(code, int) else None), str(body["msg"])
-    return None, (response.text[:200] or response.reason or "no body")
-
-
-def _require(condition: bool, what: str) -> None:
-    if not condition:
-        raise KlineValidationError(what)
 
 
 class BinanceHook(HttpHook):
