@@ -159,6 +159,13 @@ def test_a_run_refuses_symbols_outside_binance_symbols(data_env, sandbox):
     assert sandbox.stats()["by_endpoint"].get("/api/v3/klines", 0) == 0
 
 
+def damage_day_file(interval, day, symbol="BTCUSDT") -> RawStore:
+    """Overwrite one stored day file with bytes that do not parse (the next read quarantines it)."""
+    store = RawStore(load_settings().raw_data_dir)
+    store.path(interval, symbol, to_ms(day)).write_bytes(b"not parquet")
+    return store
+
+
 def _scheduled_run(interval, start, end, now):
     from include.market_data import pipeline
 
@@ -170,8 +177,7 @@ def _scheduled_run(interval, start, end, now):
 
 def test_a_scheduled_run_refetches_a_quarantined_day_outside_its_lookback(data_env, sandbox):
     DataIngestion().ingest("1h", "2024-02-01", "2024-03-01")
-    store = RawStore(load_settings().raw_data_dir)
-    store.path("1h", "BTCUSDT", to_ms("2024-02-10")).write_bytes(b"not parquet")
+    store = damage_day_file("1h", "2024-02-10")
     assert store.read("1h", "BTCUSDT", to_ms("2024-02-10"), to_ms("2024-02-11")).num_rows == 0  # quarantined
     assert store.quarantined_days("1h", "BTCUSDT") == [to_ms("2024-02-10")]
     checked = _scheduled_run("1h", "2024-02-29T23:00Z", "2024-03-01T00:00Z", now=to_ms("2024-03-01T00:00:30Z"))
@@ -220,8 +226,7 @@ def test_staging_left_by_a_failed_run_is_removed_after_two_days(data_env, sandbo
 def test_a_quarantined_day_partly_rewritten_is_still_refetched_whole(data_env, sandbox):
     """A manual 2-hour window touching a quarantined day must not leave the rest of the day lost."""
     DataIngestion().ingest("1h", "2024-02-09", "2024-02-12")
-    store = RawStore(load_settings().raw_data_dir)
-    store.path("1h", "BTCUSDT", to_ms("2024-02-10")).write_bytes(b"not parquet")
+    store = damage_day_file("1h", "2024-02-10")
     assert store.read("1h", "BTCUSDT", to_ms("2024-02-10"), to_ms("2024-02-11")).num_rows == 0  # quarantined
     assert store.quarantined_days("1h", "BTCUSDT") == [to_ms("2024-02-10")]
     # the first writer after the quarantine asks for two hours of that day only
@@ -233,8 +238,7 @@ def test_a_quarantined_day_partly_rewritten_is_still_refetched_whole(data_env, s
 
 def test_a_quarantined_day_stays_on_the_record_until_whole_and_any_run_refetches_it(data_env, sandbox):
     DataIngestion().ingest("1h", "2024-02-10", "2024-02-11")
-    store = RawStore(load_settings().raw_data_dir)
-    store.path("1h", "BTCUSDT", to_ms("2024-02-10")).write_bytes(b"not parquet")
+    store = damage_day_file("1h", "2024-02-10")
     store.read_day("1h", "BTCUSDT", to_ms("2024-02-10"))
     # Binance is down for the refetch: a partial day is written, the day stays on the record
     sandbox.set_faults({"outages": [{"start": to_ms("2024-02-10T05:00Z"), "end": to_ms("2024-02-11")}]})

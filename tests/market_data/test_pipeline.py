@@ -10,7 +10,7 @@ from include.market_data.config import load_settings
 from include.market_data.ingestion import KlineBatch
 from include.market_data.schema import table_to_rows
 from include.market_data.storage import RawStore
-from include.market_data.timeframes import HOUR_MS, to_ms, to_utc
+from include.market_data.timeframes import to_ms, to_utc
 
 
 def raw_files(interval="1h"):
