@@ -8,6 +8,11 @@ Serves /api/v3/{ping,time,exchangeInfo,klines,ticker/price,ticker/24hr} with Bin
 shapes, errors, weights and headers, from deterministic synthetic 1-minute candles
 (every interval aggregated from them) or from replayed archive/Parquet files; injects
 faults on demand (``/sandbox/faults``). Imports nothing from the pipeline it stands in for.
+
+It also serves the public data archive's layout (``archive.py``) from the same market:
+/data/spot/{monthly,daily}/klines/<S>/<iv>/<S>-<iv>-<YYYY-MM[-DD]>.zip and .zip.CHECKSUM,
+published once the period is over, µs times from 2025-01-01, no REST weight, with archive
+faults (missing, wrong checksum, corrupt zip, header rows, month not yet published).
 """
 
 from .server import SandboxServer

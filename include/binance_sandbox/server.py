@@ -1,5 +1,6 @@
-"""HTTP plumbing of the sandbox: a threading HTTP/1.1 server in front of ``BinanceApi``,
-with Binance's weight limit, injected faults, control endpoints and counters."""
+"""HTTP plumbing of the sandbox: a threading HTTP/1.1 server in front of ``BinanceApi``
+(and of ``Archive``, the public-data archive under ``/data/``), with Binance's weight limit,
+injected faults, control endpoints and counters."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
 from .api import ApiError, BinanceApi, Request, parse_time_unit
+from .archive import PREFIX as ARCHIVE_PREFIX
+from .archive import Archive
 from .faults import GARBAGE_BODY, FaultError, FaultInjector
 from .market import SyntheticMarket
 from .ratelimit import WeightLimiter
@@ -32,11 +35,21 @@ class _Stats:
         with self._lock:
             self.by_endpoint: Counter = Counter()
             self.by_status: Counter = Counter()
+            self.archive_by_kind: Counter = Counter()
+            self.archive_by_status: Counter = Counter()
+            self.archive_bytes = 0
 
     def record(self, path: str, status: int):
         with self._lock:
             self.by_endpoint[path] += 1
             self.by_status[str(status)] += 1
+
+    def record_archive(self, kind: str, status: int, body_bytes: int):
+        """An archive request: counted apart from the REST ones (it carries no weight)."""
+        with self._lock:
+            self.archive_by_kind[kind] += 1
+            self.archive_by_status[str(status)] += 1
+            self.archive_bytes += body_bytes
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -46,6 +59,10 @@ class _Stats:
                 "by_status": dict(self.by_status),
                 "rate_limited_429": self.by_status.get("429", 0),
                 "banned_418": self.by_status.get("418", 0),
+                "archive_requests": sum(self.archive_by_kind.values()),
+                "archive_by_kind": dict(self.archive_by_kind),
+                "archive_by_status": dict(self.archive_by_status),
+                "archive_bytes": self.archive_bytes,
             }
 
 
@@ -75,17 +92,25 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self):
         self._dispatch("PUT")
 
+    def do_HEAD(self):
+        if urlsplit(self.path).path.startswith(ARCHIVE_PREFIX):
+            self._dispatch("HEAD")
+        else:
+            self.send_error(501, "Unsupported method ('HEAD')")
+
     # -- plumbing ------------------------------------------------------------------------
 
-    def _send(self, status: int, body: bytes, headers: dict | None = None, path: str | None = None):
+    def _send(self, status: int, body: bytes, headers: dict | None = None, path: str | None = None,
+              content_type: str = JSON_TYPE, head: bool = False):
         try:
             self.send_response(status)
-            self.send_header("Content-Type", JSON_TYPE)
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             for name, value in (headers or {}).items():
                 self.send_header(name, str(value))
             self.end_headers()
-            self.wfile.write(body)
+            if not head:
+                self.wfile.write(body)
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
@@ -102,6 +127,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._control(method, url.path)
             return
         self._read_body()
+        if url.path.startswith(ARCHIVE_PREFIX):
+            self._archive(method, url.path)
+            return
         self._api(method, url.path, url.query)
 
     # -- control endpoints (no weight, never faulted) ------------------------------------
@@ -137,6 +165,24 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(200, _json(payload))
 
+    # -- the public-data archive (no weight; only added latency applies) ------------------
+
+    def _archive(self, method: str, path: str):
+        sandbox = self.sandbox
+        delay = sandbox._faults.archive_delay_s()
+        if delay > 0:
+            sandbox._stopping.wait(delay)
+        head = method == "HEAD"
+        if method in ("GET", "HEAD"):
+            answer = sandbox._archive.handle(path, head=head)
+            status, body, content_type, kind = answer.status, answer.body, answer.content_type, answer.kind
+            headers = answer.headers
+        else:
+            status, body, content_type, kind, headers = 405, b"", "text/plain", "unknown", {"Allow": "GET, HEAD"}
+        # counted before it is sent: a client that has its answer also sees it in /sandbox/stats
+        sandbox._stats.record_archive(kind, status, 0 if head else len(body))
+        self._send(status, body, headers, content_type=content_type, head=head)
+
     # -- Binance endpoints ---------------------------------------------------------------
 
     def _api(self, method: str, path: str, query: str):
@@ -159,7 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
 
         plan = sandbox._faults.plan(path)
-        if plan.ban_s is not None or plan.storm_retry_after_s is not None:
+        if plan.ban or plan.storm_retry_after_s is not None:
             if plan.storm_retry_after_s is not None:
                 retry = plan.storm_retry_after_s
                 sandbox._limiter.told_to_wait(client, retry)
@@ -218,6 +264,7 @@ class SandboxServer:
         fault_seed: int = 0,
         verbose: bool = False,
         cache_days: int = 384,
+        archive_cache_mb: float = 128,
     ):
         self.host, self.port = host, port
         self.verbose = verbose
@@ -231,6 +278,7 @@ class SandboxServer:
         self._limiter = WeightLimiter(weight_limit, window_s, ban_s)
         self._faults = FaultInjector(faults, seed=fault_seed)
         self._api = BinanceApi(self.market, self._limiter, self._faults)
+        self._archive = Archive(self.market, self._faults, cache_bytes=int(archive_cache_mb * 1024 * 1024))
         self._stats = _Stats()
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
