@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 DEFAULT_BINANCE_HOST = "https://data-api.binance.vision"
 BINANCE_CONN_ID = "binance_default"
+# The public data archive (monthly and daily kline zips with a .CHECKSUM beside each): a CDN host.
+DEFAULT_ARCHIVE_HOST = "https://data.binance.vision"
+ARCHIVE_CONN_ID = "binance_archive"
 SYMBOL_PATTERN = r"^[A-Z0-9]{5,20}$"
 _SYMBOL_RE = re.compile(SYMBOL_PATTERN)
 # Weight of the heaviest request the pipeline sends (/api/v3/exchangeInfo of one symbol).

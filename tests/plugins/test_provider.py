@@ -63,3 +63,23 @@ def test_the_provider_is_an_installed_distribution_airflow_registers(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "Binance 0.1.0"
+
+
+def test_every_registered_hook_module_defines_an_http_hook():
+    """get_provider_info lists the REST hook and the archive hook; each is an HttpHook on an http connection."""
+    import importlib
+    import inspect
+
+    from airflow.providers.http.hooks.http import HttpHook
+
+    from binance_provider import get_provider_info
+
+    modules = [name for entry in get_provider_info()["hooks"] for name in entry["python-modules"]]
+    assert modules == ["binance_provider.hooks.binance", "binance_provider.hooks.archive"]
+    hooks = {}
+    for name in modules:
+        module = importlib.import_module(name)
+        hooks.update({cls.default_conn_name: cls for _, cls in inspect.getmembers(module, inspect.isclass)
+                      if issubclass(cls, HttpHook) and cls.__module__ == name})
+    assert sorted(hooks) == ["binance_archive", "binance_default"]
+    assert {cls.conn_type for cls in hooks.values()} == {"http"}

@@ -9,8 +9,6 @@ the caller's business.
 from __future__ import annotations
 
 import logging
-import random
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -20,10 +18,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import requests
-from requests import Response, Session
+from requests import Response
 
 from airflow.providers.http.hooks.http import HttpHook
-from airflow.sdk.exceptions import AirflowNotFoundException
 from binance_provider.hooks.errors import (
     BinanceAPIError,
     BinanceBanned,
@@ -40,6 +37,11 @@ from binance_provider.hooks.rate_limiter import (
 )
 from binance_provider.hooks.transport import (
     _TRANSPORT_ERRORS,
+    PerThreadSessions,
+    RetryPolicy,
+    _RetryAfter,
+    _Transient,
+    call_with_retries,
     _error_body,
     _json_body,
     _require,
@@ -131,27 +133,7 @@ def _check_window(start_ms: Any, end_ms: Any) -> tuple[int, int]:
     return start_ms, end_ms
 
 
-# -- retry plumbing ----------------------------------------------------------------------------
-
-
-class _Transient(Exception):
-    """A failure worth retrying with backoff: 5xx, 403 (WAF), timeout, connection error, malformed body."""
-
-    def __init__(self, status: int | None, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.kind = kind
-        self.detail = detail
-
-
-class _RetryAfter(Exception):
-    """A 429: the shared limiter now holds every thread until ``resume_s`` (epoch seconds)."""
-
-    def __init__(self, code: int | None, msg: str, resume_s: float) -> None:
-        super().__init__(msg)
-        self.code = code
-        self.msg = msg
-        self.resume_s = resume_s
+# -- retry plumbing (the loop itself is transport.call_with_retries) --------------------------
 
 
 @dataclass
@@ -166,7 +148,7 @@ class _Call:
     retries: int = 0
 
 
-class BinanceHook(HttpHook):
+class BinanceHook(PerThreadSessions, HttpHook):
     """
     Talk to Binance's spot REST API (or a compatible server such as the local sandbox).
 
@@ -209,8 +191,7 @@ class BinanceHook(HttpHook):
     ) -> None:
         kwargs.pop("method", None)
         super().__init__(method="GET", http_conn_id=binance_conn_id, **kwargs)
-        if max_tries < 1:
-            raise ValueError(f"max_tries={max_tries} must be >= 1")
+        RetryPolicy(max_tries, max_time_s, backoff_factor_s, backoff_cap_s)  # checks them
         if not timeout_s > 0:
             raise ValueError(f"timeout_s={timeout_s} must be > 0")
         self.binance_conn_id = binance_conn_id
@@ -223,71 +204,7 @@ class BinanceHook(HttpHook):
         self.max_time_s = max_time_s
         self.backoff_factor_s = backoff_factor_s
         self.backoff_cap_s = backoff_cap_s
-        self._setup_lock = threading.Lock()
-        self._connection_resolved = False
-        self._connection: Any = None
-        self._sessions = threading.local()
         self._ban_record: BanRecord | None = None
-
-    # -- connection and session --------------------------------------------------------------
-
-    def _resolve_connection(self) -> Any:
-        """The Airflow connection, looked up once; ``None`` (default host) when it does not exist."""
-        with self._setup_lock:
-            if not self._connection_resolved:
-                try:
-                    self._connection = self.get_connection(self.binance_conn_id)
-                except AirflowNotFoundException:
-                    self._connection = None
-                    self.log.info(
-                        "Connection not found; using the default Binance host",
-                        conn_id=self.binance_conn_id,
-                        host=self.default_host,
-                    )
-                if self._connection is None:
-                    self.base_url = self.default_host.rstrip("/")
-                    self._base_url_initialized = True
-                else:
-                    self._set_base_url(self._connection)
-                    self.base_url = self.base_url.rstrip("/")
-                self._connection_resolved = True
-            return self._connection
-
-    def get_conn(
-        self, headers: dict[Any, Any] | None = None, extra_options: dict[str, Any] | None = None
-    ) -> Session:
-        """
-        Create a Requests session for the Binance host.
-
-        :param headers: additional headers for every request of the session.
-        :param extra_options: options as in :class:`HttpHook` (proxies, verify, ...).
-        :return: a configured ``requests.Session``; ``self.base_url`` is set.
-        """
-        session = Session()
-        connection = self._resolve_connection()
-        extra_options = extra_options or {}
-        if connection is not None:
-            session = self._configure_session_from_auth(session, connection)
-            if connection.extra or extra_options:
-                session = self._configure_session_from_extra(session, connection, extra_options)
-        session = self._configure_session_from_mount_adapters(session)
-        session.headers.update(self.default_headers)
-        if headers:
-            session.headers.update(headers)
-        return session
-
-    def _session(self) -> Session:
-        # requests.Session is not thread-safe: one per thread, reused for keep-alive.
-        session = getattr(self._sessions, "session", None)
-        if session is None:
-            session = self._sessions.session = self.get_conn()
-        return session
-
-    @property
-    def source(self) -> str:
-        """Base URL requests go to."""
-        self._resolve_connection()
-        return self.base_url
 
     @property
     def limiter(self) -> WeightLimiter:
@@ -363,34 +280,21 @@ class BinanceHook(HttpHook):
         # max_time_s after the first. A transient failure backs off exponentially with full
         # jitter; after a 429 the shared limiter holds every thread until Retry-After has passed,
         # so the next attempt simply waits there.
-        started = time.monotonic()
-        deadline = started + self.max_time_s
-        while True:
-            try:
-                return self._attempt(call)
-            except (_Transient, _RetryAfter) as exc:
-                failure = exc
-            attempts = call.retries + 1
+        def give_up(failure: _Transient | _RetryAfter, spent: str) -> Exception:
             if isinstance(failure, _RetryAfter):
-                wait_s = max(0.0, failure.resume_s - time.time())
-            else:
-                step = min(self.backoff_cap_s, self.backoff_factor_s * 2 ** min(call.retries, 60))
-                wait_s = random.uniform(0, step)
-            now = time.monotonic()
-            if attempts >= self.max_tries or now + wait_s >= deadline:
-                limit = (f"max_tries={self.max_tries}" if attempts >= self.max_tries
-                         else f"max_time_s={self.max_time_s:g}")
-                spent = (f"gave up after {attempts} attempt{'s' if attempts != 1 else ''} "
-                         f"in {now - started:.1f} s, {limit} reached")
-                if isinstance(failure, _RetryAfter):
-                    raise BinanceRateLimited(429, failure.code, f"{failure.msg} ({spent})", path) from failure
-                raise BinanceUnavailable(
-                    failure.status, None, f"{failure.kind}: {failure.detail} ({spent})", path
-                ) from failure
-            call.retries += 1
+                return BinanceRateLimited(429, failure.code, f"{failure.msg} ({spent})", path)
+            return BinanceUnavailable(failure.status, None, f"{failure.kind}: {failure.detail} ({spent})", path)
+
+        def on_retry(retries: int) -> None:
+            call.retries = retries
             _emit("incr", "binance.request.retry")
-            if isinstance(failure, _Transient):
-                time.sleep(wait_s)
+
+        return call_with_retries(lambda: self._attempt(call), self.retry_policy, give_up=give_up, on_retry=on_retry)
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """This hook's retry budget (its ``max_tries``, ``max_time_s`` and backoff settings)."""
+        return RetryPolicy(self.max_tries, self.max_time_s, self.backoff_factor_s, self.backoff_cap_s)
 
     def _attempt(self, call: _Call) -> tuple[Any, Response, ResponseMeta]:
         session = self._session()
