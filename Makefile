@@ -83,8 +83,10 @@ sandbox: venv
 test: venv
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider
 
+# The peer comparison and the deep-history benches come last (they take minutes: full histories).
 bench: venv
-	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	@for script in $(filter-out bench/peers.py bench/history.py,$(sort $(wildcard bench/*.py))) bench/peers.py bench/history.py; do \
+	  echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(AIRFLOW_HOME) data
