@@ -4,7 +4,8 @@ Raw data: ~9 years of synthetic-but-realistic BTCUSDT 15m candles (~325k rows, o
 Parquet partition per UTC day) ingested from the Binance sandbox with ``DataIngestion``
 into a temporary ``RAW_DATA_DIR``, except the last day. Then:
 
-1. full curation of all history into an empty ``CURATED_DATA_DIR`` (goal <= 10 s),
+1. full curation of all history into an empty ``CURATED_DATA_DIR`` (goal <= 6 s: features and
+   the group-committed day files together),
 2. re-curation of all history when nothing changed (idempotent: no file rewritten),
 3. the DAG's incremental path: ingest the last day, ``curate_days([last_day])``
    (goal <= 0.5 s), then a few more runs of the same day for a median.
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
+import inspect
 import io
 import json
 import os
@@ -37,7 +40,7 @@ for entry in (str(REPO_ROOT / "plugins"), str(REPO_ROOT)):
     if entry not in sys.path:
         sys.path.insert(0, entry)
 
-FULL_GOAL_S = 10.0
+FULL_GOAL_S = 6.0
 INCREMENTAL_GOAL_S = 0.5
 INTERVAL = "15m"
 SYMBOL = "BTCUSDT"
@@ -100,6 +103,8 @@ def main() -> int:
 
             settings = load_settings()
             ingestion = DataIngestion(settings)
+            if "source" in inspect.signature(ingestion.ingest).parameters:  # REST from the sandbox: no archive host
+                ingestion.ingest = functools.partial(ingestion.ingest, source="rest")
             raw = RawStore(settings.raw_data_dir)
             have = raw.days(INTERVAL, SYMBOL)
             began = time.perf_counter()

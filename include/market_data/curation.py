@@ -319,16 +319,18 @@ class DataCuration:
         validate_curated(targeted, interval)  # once for the stretch; merges re-check only shared days
         metadata = {"symbol": symbol, "source": str(self.raw.root), "schema_version": CURATED_SCHEMA_VERSION,
                     "curated_at": ms_to_utc(int(time.time() * 1000)).isoformat()}
+        days, spans = {}, {}
         for day in sorted(target_set & present):
             # rows are sorted by open_time, so each day is one contiguous slice
-            lo, hi = np.searchsorted(row_days, [day, day + DAY_MS])
-            rows = curated.slice(int(lo), int(hi - lo))
-            self.curated.write_day(interval, symbol, day, rows, metadata,
-                                   validate=lambda merged: validate_curated(merged, interval),
-                                   new_validated=True,
-                                   rebuild=lambda day=day, rows=rows: self._whole_day(interval, day, symbol, rows))
+            lo, hi = (int(i) for i in np.searchsorted(row_days, [day, day + DAY_MS]))
+            days[day], spans[day] = curated.slice(lo, hi - lo), (lo, hi)
+        # every day in one group commit (one directory fsync); merges re-check only shared days
+        self.curated.write_days(interval, symbol, days, metadata,
+                                validate=lambda merged: validate_curated(merged, interval), new_validated=True,
+                                rebuild=lambda day: self._whole_day(interval, day, symbol, days[day]))
+        for day, (lo, hi) in spans.items():
             summary.days_written.append(ms_to_utc(day).date().isoformat())
-            summary.rows += rows.num_rows
+            summary.rows += hi - lo
             first, last = times[lo], times[hi - 1]
             if summary.first_open_time is None:
                 summary.first_open_time = ms_to_utc(int(first)).isoformat()

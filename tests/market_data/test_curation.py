@@ -561,16 +561,16 @@ def test_a_slow_curate_never_overwrites_a_newer_one_with_older_raw(tmp_path, mon
     rows = make_rows("1h", day, 7)
     raw.write("1h", "BTCUSDT", rows_to_table(rows[:6]), {"source": "test"})
 
-    write_day = CuratedStore.write_day
+    write_days = CuratedStore.write_days
     a_is_writing, release_a = threading.Event(), threading.Event()
 
     def slow_for_a(self, *args, **kwargs):
         if threading.current_thread().name == "A":
             a_is_writing.set()
             release_a.wait(timeout=30)
-        return write_day(self, *args, **kwargs)
+        return write_days(self, *args, **kwargs)
 
-    monkeypatch.setattr(CuratedStore, "write_day", slow_for_a)
+    monkeypatch.setattr(CuratedStore, "write_days", slow_for_a)
     run_a = threading.Thread(target=lambda: DataCuration(settings).curate_days("1h", "BTCUSDT", [day]), name="A")
     run_a.start()
     assert a_is_writing.wait(timeout=30)

@@ -402,3 +402,252 @@ def test_prune_quarantine_on_an_object_store(object_store):
     assert sorted(r.rsplit("/", 1)[1] for r in removed) == sorted(n for n, old in QUARANTINED.items() if old)
     left = sorted(p.rsplit("/", 1)[1] for p in memory.ls(f"{bucket}/{QUARANTINE_DIR}", detail=False))
     assert left == sorted(n for n, old in QUARANTINED.items() if not old)
+
+
+# --- group commit: many days in one write -----------------------------------------------------
+
+def _days_table(days: int, start: int = DAY, price: str = "30000.00"):
+    return rows_to_table(make_rows("15m", start, 96 * days, price=price))
+
+
+def _archive_provenance(days):
+    return {day: {"source": f"https://data.binance.vision/data/spot/daily/klines/BTCUSDT/15m/{day}.zip",
+                  "sha256": f"{day:064x}"} for day in days}
+
+
+def test_a_multi_day_write_lands_every_day_with_its_own_provenance(tmp_path):
+    store = RawStore(str(tmp_path))
+    days = [DAY + k * DAY_MS for k in range(5)]
+    archived = _archive_provenance(days[:3])
+    results = store.write("15m", "BTCUSDT", _days_table(5), PROVENANCE, day_provenance=archived)
+    assert [r.day_ms for r in results] == days and all(r.rows_after == r.added == 96 for r in results)
+    for day in days:
+        meta = store.metadata("15m", "BTCUSDT", day)
+        expected = {**PROVENANCE, **archived.get(day, {})}
+        assert {k: meta[k] for k in expected} == expected
+        assert (meta["symbol"], meta["interval"], meta["schema_version"]) == ("BTCUSDT", "15m", "2")
+        assert ("sha256" in meta) == (day in archived)
+    assert table_to_rows(store.read("15m", "BTCUSDT", days[0], days[-1] + DAY_MS), 8) == make_rows("15m", DAY, 480)
+    assert not [p for p in (tmp_path / "15m").iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_a_multi_day_rewrite_leaves_every_file_byte_identical(tmp_path):
+    store = RawStore(str(tmp_path))
+    table = _days_table(4)
+    store.write("15m", "BTCUSDT", table, PROVENANCE, day_provenance=_archive_provenance([DAY]))
+    paths = [store.path("15m", "BTCUSDT", DAY + k * DAY_MS) for k in range(4)]
+    before = [(p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_ino) for p in paths]
+    again = store.write("15m", "BTCUSDT", table, {**PROVENANCE, "fetched_at": "2030-01-01T00:00:00+00:00"},
+                        validated=True, day_provenance=_archive_provenance([DAY + DAY_MS]))
+    assert [(r.added, r.revised, r.rows_after) for r in again] == [(0, 0, 96)] * 4
+    assert [(p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_ino) for p in paths] == before
+
+
+def test_a_new_day_is_neither_validated_again_nor_merged(tmp_path, monkeypatch):
+    from include.market_data import storage
+
+    checked = []
+    monkeypatch.setattr(storage, "validate_raw", lambda table, interval: checked.append(table.num_rows))
+    store = RawStore(str(tmp_path))
+    store.write("15m", "BTCUSDT", _days_table(3), PROVENANCE, validated=True)
+    assert checked == []  # new days: the caller's validation stands
+    rows = make_rows("15m", DAY, 96 * 3)
+    store.write("15m", "BTCUSDT", rows_to_table(rows[40:200]), PROVENANCE, validated=True)
+    assert checked == [96 + 96]  # the two days that keep rows of their files, in one call
+
+
+def test_a_crash_between_files_leaves_each_old_or_new_and_a_rerun_completes(tmp_path, monkeypatch):
+    store = RawStore(str(tmp_path))
+    days = [DAY + k * DAY_MS for k in range(6)]
+    store.write("15m", "BTCUSDT", _days_table(3, price="30000.00"), PROVENANCE)  # days 0-2 exist (old)
+    old = {d: store.read_day("15m", "BTCUSDT", d) for d in days[:3]}
+    new_table = _days_table(6, price="31000.00")  # revises days 0-2, adds days 3-5
+    real_replace, calls = os.replace, []
+
+    def crash_on_the_third(src, dst, *args, **kwargs):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError(5, "Input/output error (injected)")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", crash_on_the_third)
+    with pytest.raises(OSError, match="injected"):
+        store.write("15m", "BTCUSDT", new_table, PROVENANCE)
+    monkeypatch.setattr(os, "replace", real_replace)
+    expected_new = {d: new_table.slice(k * 96, 96) for k, d in enumerate(days)}
+    for k, day in enumerate(days):
+        table = store.read_day("15m", "BTCUSDT", day)
+        if k < 2:
+            assert table.equals(expected_new[day])  # renamed before the crash
+        elif day in old:
+            assert table.equals(old[day])  # left as it was
+        else:
+            assert table is None  # never made visible
+    assert store.io.quarantined == []
+    assert not [p for p in (tmp_path / "15m").iterdir() if p.name.startswith(".")]  # temp files removed
+    store.write("15m", "BTCUSDT", new_table, PROVENANCE)  # the rerun completes
+    assert all(store.read_day("15m", "BTCUSDT", d).equals(expected_new[d]) for d in days)
+
+
+def _fsync_spy(monkeypatch):
+    """Spies on os.fsync (from any thread) and os.replace: one event per call, in order."""
+    import stat
+    import threading
+
+    events, guard = [], threading.Lock()
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        real_fsync(fd)
+        with guard:
+            events.append(("fsync", kind, target))
+
+    def replace(src, dst, *args, **kwargs):
+        with guard:
+            events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc to name a descriptor's file")
+def test_a_group_write_fsyncs_each_temp_file_before_its_rename_and_each_directory_once(tmp_path, monkeypatch):
+    store = RawStore(str(tmp_path))
+    store.write("15m", "BTCUSDT", _days_table(2), PROVENANCE)  # two days to merge into, three new ones
+    events = _fsync_spy(monkeypatch)
+    revised = _days_table(5, price="32000.00")
+    results = store.write("15m", "BTCUSDT", revised, PROVENANCE)
+    assert len(results) == 5
+    renames = [(i, src) for i, (what, src, _) in enumerate(events) if what == "replace"]
+    assert len(renames) == 5
+    for at, src in renames:  # each temp file's bytes were on disk before its rename made it visible
+        assert ("fsync", "file", src) in events[:at], src
+    dir_syncs = [i for i, event in enumerate(events) if event[:2] == ("fsync", "dir")]
+    assert [events[i][2] for i in dir_syncs] == [str(tmp_path / "15m")]  # once, for the one directory
+    assert dir_syncs[0] > renames[-1][0]  # after the last rename, before write returned
+    assert sum(1 for e in events if e[:2] == ("fsync", "file")) == 5
+
+    events.clear()
+    store.write("15m", "BTCUSDT", revised, PROVENANCE)  # nothing changes: nothing to sync
+    assert events == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc to name a descriptor's file")
+def test_curated_days_are_one_group_commit_and_keep_the_other_symbols_rows(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from include.market_data.storage import CuratedStore
+
+    store = CuratedStore(str(tmp_path))
+    days = [DAY + k * DAY_MS for k in range(3)]
+
+    def rows(symbol, day, value):
+        table = rows_to_table(make_rows("1h", day, 24))
+        return table.add_column(0, "symbol", pa.array([symbol] * 24)).append_column("x", pa.array([value] * 24))
+
+    checked = []
+    validate = lambda merged: checked.append(merged.num_rows)  # noqa: E731
+    meta = {"schema_version": "1"}
+    store.write_days("1h", "BTCUSDT", {d: rows("BTCUSDT", d, 1.0) for d in days}, meta, validate, new_validated=True)
+    assert checked == []
+    events = _fsync_spy(monkeypatch)
+    results = store.write_days("1h", "ETHUSDT", {d: rows("ETHUSDT", d, 2.0) for d in days[1:]}, meta, validate,
+                               new_validated=True)
+    assert [(r.rows_before, r.rows_after) for r in results] == [(24, 48), (24, 48)]
+    assert checked == [96]  # both merged days in one validation
+    assert [e[2] for e in events if e[:2] == ("fsync", "dir")] == [str(tmp_path)]
+    table = store.read("1h", days[0], days[-1] + DAY_MS)
+    assert sorted(set(zip(table.column("symbol").to_pylist(), table.column("x").to_pylist()))) == [
+        ("BTCUSDT", 1.0), ("ETHUSDT", 2.0)]
+    assert table.num_rows == 24 * 3 + 24 * 2
+
+
+def test_a_chunk_that_fails_validation_writes_nothing_of_it(tmp_path, monkeypatch):
+    from include.market_data import storage
+
+    monkeypatch.setattr(storage, "GROUP_LOCK_DAYS", 2)
+    store = RawStore(str(tmp_path))
+    store.write("15m", "BTCUSDT", _days_table(4), PROVENANCE)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "15m").iterdir()}
+
+    def refuse_day_3(table, interval):
+        times = table.column("open_time").cast("int64").to_pylist()
+        if any(DAY + 2 * DAY_MS <= t < DAY + 3 * DAY_MS for t in times):
+            raise SchemaViolation("injected")
+
+    monkeypatch.setattr(storage, "validate_raw", refuse_day_3)
+    rows = make_rows("15m", DAY, 96 * 4, price="33000.00")
+    partial = [r for i, r in enumerate(rows) if i % 96 < 48]  # half of each day: existing rows survive
+    with pytest.raises(SchemaViolation, match="injected"):
+        store.write("15m", "BTCUSDT", rows_to_table(partial), PROVENANCE, validated=True)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "15m").iterdir()}
+    changed = sorted(name for name in before if after[name] != before[name])
+    assert changed == ["BTCUSDT_15m_20231209.parquet", "BTCUSDT_15m_20231210.parquet"]  # the first chunk only
+
+
+def _write_days_in_rounds(root: str, which: int, ways: int, rounds: int, days: int) -> None:
+    rows = make_rows("15m", DAY, 96 * days)
+    mine = [r for i, r in enumerate(rows) if i % ways == which]
+    store = RawStore(root)
+    for k in range(rounds):  # each round spans every day; the days overlap with the other writers'
+        store.write("15m", "BTCUSDT", rows_to_table(mine[k::rounds]), PROVENANCE, validated=(k % 2 == 0))
+
+
+def test_threads_group_writing_overlapping_days_lose_nothing(tmp_path, monkeypatch):
+    import threading
+
+    from include.market_data import storage
+
+    monkeypatch.setattr(storage, "GROUP_LOCK_DAYS", 3)  # several chunks, each holding several stripes
+    errors = []
+
+    def run(which):
+        try:
+            _write_days_in_rounds(str(tmp_path), which, 4, 3, 10)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=run, args=(which,)) for which in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert errors == [] and not any(w.is_alive() for w in workers)
+    stored = RawStore(str(tmp_path)).read("15m", "BTCUSDT", DAY, DAY + 10 * DAY_MS)
+    assert table_to_rows(stored, 8) == make_rows("15m", DAY, 960)
+
+
+def test_processes_group_writing_overlapping_days_lose_nothing(tmp_path):
+    ctx = get_context("spawn")
+    workers = [ctx.Process(target=_write_days_in_rounds, args=(str(tmp_path), which, 2, 6, 20)) for which in (0, 1)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    stored = RawStore(str(tmp_path)).read("15m", "BTCUSDT", DAY, DAY + 20 * DAY_MS)
+    assert table_to_rows(stored, 8) == make_rows("15m", DAY, 96 * 20)
+
+
+def test_a_multi_day_write_on_an_object_store(object_store):
+    url, memory, bucket = object_store
+    store = RawStore(url)
+    rows = make_rows("1h", DAY, 72)
+    archived = _archive_provenance([DAY + DAY_MS])
+    store.write("1h", "BTCUSDT", rows_to_table(rows[::2]), PROVENANCE)
+    results = store.write("1h", "BTCUSDT", rows_to_table(rows[1::2]), PROVENANCE, day_provenance=archived)
+    assert [(r.rows_before, r.rows_after) for r in results] == [(12, 24)] * 3
+    assert sorted(memory.ls(f"{bucket}/1h", detail=False)) == [
+        f"{bucket}/1h/BTCUSDT_1h_2023120{d}.parquet" for d in (9,)] + [
+        f"{bucket}/1h/BTCUSDT_1h_202312{d}.parquet" for d in (10, 11)]
+    assert table_to_rows(store.read("1h", "BTCUSDT", DAY, DAY + 3 * DAY_MS), 8) == rows
+    assert store.metadata("1h", "BTCUSDT", DAY + DAY_MS)["sha256"] == archived[DAY + DAY_MS]["sha256"]
+    assert "sha256" not in store.metadata("1h", "BTCUSDT", DAY)
+    before = {p: memory.cat(p) for p in memory.ls(f"{bucket}/1h", detail=False)}
+    assert all(r.added == 0 for r in store.write("1h", "BTCUSDT", rows_to_table(rows), PROVENANCE,
+                                                 day_provenance=archived))
+    assert {p: memory.cat(p) for p in memory.ls(f"{bucket}/1h", detail=False)} == before
