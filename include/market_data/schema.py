@@ -10,15 +10,18 @@ from __future__ import annotations
 import functools
 
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-import pandera.pandas as pa_schema
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from binance_provider.klines import ROW_RULES
 from include.market_data.timeframes import WEEK_ORIGIN_MS, interval_ms
+
+if TYPE_CHECKING:  # imported where used: a shell's first Binance request need not wait for them
+    import pandas as pd
+    import pandera.pandas as pa_schema
 
 # 2: raw day files carry ``symbol`` and ``interval`` columns (any tool can query a glob of them);
 # version-1 files, without them, still read and are rewritten as version 2 on their next merge.
@@ -121,6 +124,8 @@ def _grid_frame(table: pa.Table) -> pd.DataFrame:
     Decimal -> float is monotonic, so a value rule that holds on the exact values holds on the
     floats too: these checks never refuse a row the hook's exact checks passed.
     """
+    import pandas as pd
+
     frame = {
         name: pc.cast(table.column(name), pa.int64()).to_numpy() if name.endswith("_time")
         else table.column(name).to_numpy()
@@ -139,6 +144,8 @@ def raw_frame_schema(interval: str) -> pa_schema.DataFrameSchema:
     row are the provider's :data:`binance_provider.klines.ROW_RULES`, the same the hook applies
     to every row it receives, so a row the hook passes is never refused here.
     """
+    import pandera.pandas as pa_schema
+
     step = interval_ms(interval)
     origin = WEEK_ORIGIN_MS if interval == "1w" else 0
     return pa_schema.DataFrameSchema(
@@ -171,6 +178,8 @@ def validate_raw(table: pa.Table, interval: str) -> None:
         raise SchemaViolation(f"raw table schema differs from RAW_SCHEMA: {table.schema}")
     if table.num_rows == 0:
         return
+    import pandera.pandas as pa_schema
+
     try:
         raw_frame_schema(interval).validate(_grid_frame(table), lazy=True)
     except pa_schema.errors.SchemaErrors as exc:

@@ -22,10 +22,12 @@ class KlineBatch:
     endpoint: str
     fetched_at: str
     latency_ms: float
+    sha256: str | None = None  # of the archive file the rows came from (checked before use)
 
 
 class KlineSource(Protocol):
-    """The seam for candle sources (Binance REST today; the public-data archive later)."""
+    """The seam for candle sources: Binance REST (here) and the public data archive
+    (:mod:`include.market_data.archive`)."""
 
     def batches(self, symbol: str, interval: str, start_ms: int, end_ms: int) -> Iterator[KlineBatch]:
         """Closed candles with ``open_time`` in ``[start_ms, end_ms)``, in time order."""
@@ -42,9 +44,9 @@ class BinanceRestSource:
 
     def __init__(self, settings: Settings, conn_id: str = BINANCE_CONN_ID, hook=None):
         if hook is None:
-            from binance_provider.hooks.binance import BinanceHook  # deferred: imports Airflow
+            from binance_provider.clients import rest_client  # the hook, or the plain client outside Airflow
 
-            hook = BinanceHook(binance_conn_id=conn_id, settings=settings.hook_settings())
+            hook = rest_client(conn_id, settings.hook_settings())
         self.hook = hook
         self.settings = settings
 

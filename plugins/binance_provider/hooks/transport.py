@@ -1,92 +1,165 @@
-"""HTTP transport helpers of the Binance hooks: reading one ``requests`` response, the one
-bounded retry policy both hooks (REST and archive) run their requests under, and their shared
-connection handling (default host when the connection is missing, one session per thread).
+"""HTTP transport helpers of the Binance clients and hooks: reading one ``requests`` response, the
+one bounded retry policy both (REST and archive) run their requests under, and their shared
+connection handling (one session per thread; the address from ``AIRFLOW_CONN_<ID>`` or the default host).
 
 The transport errors worth a retry, the parsing of a response's body and headers (JSON body,
 used weight, ``Date``, ``Retry-After``, Binance's error body) into plain values, and
 :func:`call_with_retries`: at most ``max_tries`` attempts, none starting later than ``max_time_s``
 after the first, exponential backoff with full jitter between transient failures.
+
+No Airflow import: the plain clients (:mod:`binance_provider.clients`) run on this module alone.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import requests
+import structlog
 from requests import Response, Session
-
-from airflow.sdk.exceptions import AirflowNotFoundException
 
 from binance_provider.klines import KlineValidationError
 
+CONN_ENV_PREFIX = "AIRFLOW_CONN_"
+
+
+def connection_variable(conn_id: str) -> str:
+    """The environment variable Airflow reads connection ``conn_id`` from (``AIRFLOW_CONN_<ID>``)."""
+    return CONN_ENV_PREFIX + conn_id.upper()
+
+
+class UnsupportedConnection(ValueError):
+    """The connection's variable holds more than an address (login, password, extra) or cannot be
+    read: only the Airflow hook applies such a connection."""
+
+
+def _uri_fields(uri: str) -> dict[str, Any]:
+    """The fields of a connection URI, as Airflow's ``Connection.from_uri`` reads them
+    (``http://host:8900``, ``http://https://host``, ``conn-type://login:password@host:port/schema?extra``)."""
+    if uri.count("://") > 2:
+        raise UnsupportedConnection(f"invalid connection URI {uri!r}")
+    with_protocol = uri.count("://") == 2
+    conn_type = urlsplit(uri).scheme
+    rest = uri.replace(f"{conn_type}://", "" if with_protocol else "//")
+    if with_protocol and ("@" in rest.split("://", 1)[0] or ":" in rest.split("://", 1)[0]):
+        raise UnsupportedConnection(f"invalid connection URI {uri!r}")
+    parts = urlsplit(rest)
+    host = unquote(parts.hostname or "")
+    if "/" in host:  # Airflow's _parse_netloc_to_hostname
+        host = unquote(parts.netloc.rsplit("@", 1)[-1].split(":", 1)[0])
+    if with_protocol and host:
+        host = f"{parts.scheme}://{host}"
+    return {"host": host, "schema": unquote(parts.path[1:]), "login": parts.username,
+            "password": parts.password, "port": parts.port, "extra": dict(parse_qsl(parts.query, keep_blank_values=True)) or None}
+
+
+def connection_base_url(conn_id: str, default_host: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The base URL of connection ``conn_id`` from its ``AIRFLOW_CONN_<ID>`` variable, built as
+    ``HttpHook`` builds it (a host with ``://`` is taken as it is, else ``<schema or http>://host``,
+    then ``:port``; an empty host is ``default_host``), or ``None`` when the variable is unset or empty.
+
+    Both of Airflow's forms are read: JSON (``{"conn_type": "http", "host": "http://127.0.0.1:8900"}``)
+    and URI (``http://127.0.0.1:8900``; note that, as in Airflow, ``https://host`` names the conn
+    type ``https`` and gives ``http://host``: write ``http://https://host`` or the JSON form).
+
+    :raises UnsupportedConnection: the variable sets a login, password or extra, or is unreadable.
+    """
+    name = connection_variable(conn_id)
+    raw = ((os.environ if env is None else env).get(name) or "").strip()
+    if not raw:
+        return None
+    try:
+        fields = json.loads(raw) if raw.startswith("{") else _uri_fields(raw)
+        if not isinstance(fields, dict):
+            raise ValueError("not a JSON object")
+        port = int(fields["port"]) if fields.get("port") else None
+    except (ValueError, TypeError) as exc:
+        raise UnsupportedConnection(f"{name} is not a readable connection: {exc}") from None
+    beyond = [key for key in ("login", "password", "extra") if fields.get(key)]
+    if beyond:
+        raise UnsupportedConnection(f"{name} sets {', '.join(beyond)}: only the Airflow hook applies it")
+    host = fields.get("host") or default_host
+    base_url = host if "://" in host else f"{fields.get('schema') or 'http'}://{host}"
+    if port:
+        base_url = f"{base_url}:{port}"
+    if not urlsplit(base_url).scheme:
+        raise UnsupportedConnection(f"{name}: missing scheme in {base_url}")
+    return base_url.rstrip("/")
+
 
 class PerThreadSessions:
-    """Connection handling shared by the Binance hooks (mixed in before ``HttpHook``).
+    """Connection handling shared by the Binance clients and hooks.
 
-    The Airflow connection named by the hook's ``conn_name_attr`` attribute is looked up once;
-    when it does not exist the class's ``default_host`` is used. ``requests.Session`` is not
-    thread-safe, so :meth:`_session` gives each thread its own (reused for keep-alive): one hook
-    may be called from many threads at once.
+    The address is resolved once: for the plain clients from the ``AIRFLOW_CONN_<ID>`` variable
+    of the connection named by the class's ``conn_name_attr`` attribute (see
+    :func:`connection_base_url`), the class's ``default_host`` when the variable is unset; the
+    hooks look the connection up through Airflow instead
+    (:class:`binance_provider.hooks.connection.AirflowConnection`). ``requests.Session`` is not
+    thread-safe, so :meth:`_session` gives each thread its own (reused for keep-alive): one client
+    may be called from many threads at once. Logs go through structlog (the hooks: Airflow's
+    ``self.log``, also structlog), with the same fields.
     """
 
+    conn_name_attr: str
+    hook_name: str
     default_host: str
     default_headers: dict[str, str] = {}
+    base_url: str = ""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def _init_sessions(self) -> None:
         self._setup_lock = threading.Lock()
         self._connection_resolved = False
         self._connection: Any = None
         self._sessions = threading.local()
 
+    @property
+    def log(self) -> Any:
+        """A structlog logger named after the class (as Airflow names a hook's)."""
+        logger = self.__dict__.get("_client_log")
+        if logger is None:
+            logger = self.__dict__["_client_log"] = structlog.get_logger(
+                f"{type(self).__module__}.{type(self).__name__}")
+        return logger
+
     def _resolve_connection(self) -> Any:
-        """The Airflow connection, looked up once; ``None`` (default host) when it does not exist."""
+        """The address from the connection's variable, resolved once (default host when it is unset)."""
         with self._setup_lock:
             if not self._connection_resolved:
                 conn_id = getattr(self, self.conn_name_attr)
-                try:
-                    self._connection = self.get_connection(conn_id)
-                except AirflowNotFoundException:
-                    self._connection = None
+                base_url = connection_base_url(conn_id, self.default_host)
+                if base_url is None:
                     self.log.info(f"Connection not found; using the default {self.hook_name} host",
                                   conn_id=conn_id, host=self.default_host)
-                if self._connection is None:
-                    self.base_url = self.default_host.rstrip("/")
-                    self._base_url_initialized = True
-                else:
-                    self._set_base_url(self._connection)
-                    self.base_url = self.base_url.rstrip("/")
+                    base_url = self.default_host.rstrip("/")
+                self.base_url = base_url
                 self._connection_resolved = True
-            return self._connection
+            return None
 
-    def get_conn(
-        self, headers: dict[Any, Any] | None = None, extra_options: dict[str, Any] | None = None
-    ) -> Session:
-        """
-        Create a Requests session for the hook's host.
-
-        :param headers: additional headers for every request of the session.
-        :param extra_options: options as in :class:`HttpHook` (proxies, verify, ...).
-        :return: a configured ``requests.Session``; ``self.base_url`` is set.
-        """
+    def get_conn(self, headers: dict[Any, Any] | None = None) -> Session:
+        """A Requests session for the client's host (``self.base_url`` is set), with ``headers``."""
+        self._resolve_connection()
         session = Session()
-        connection = self._resolve_connection()
-        extra_options = extra_options or {}
-        if connection is not None:
-            session = self._configure_session_from_auth(session, connection)
-            if connection.extra or extra_options:
-                session = self._configure_session_from_extra(session, connection, extra_options)
-        session = self._configure_session_from_mount_adapters(session)
         session.headers.update(self.default_headers)
         if headers:
             session.headers.update(headers)
         return session
+
+    def url_from_endpoint(self, endpoint: str | None) -> str:
+        """The base URL joined with ``endpoint`` (as ``HttpHook`` joins them)."""
+        if not self._connection_resolved:
+            self._resolve_connection()
+        if self.base_url and not self.base_url.endswith("/") and endpoint and not endpoint.startswith("/"):
+            return f"{self.base_url}/{endpoint}"
+        return self.base_url + (endpoint or "")
 
     def _session(self) -> Session:
         session = getattr(self._sessions, "session", None)
