@@ -60,6 +60,7 @@ def data_env(tmp_path, monkeypatch, clean_sandbox):
     monkeypatch.setenv("CURATED_DATA_DIR", str(tmp_path / "curated"))
     monkeypatch.setenv("SIGNAL_DATA_DIR", str(tmp_path / "signals"))
     monkeypatch.setenv("AIRFLOW_CONN_BINANCE_DEFAULT", f'{{"conn_type": "http", "host": "{clean_sandbox.url}"}}')
+    monkeypatch.setenv("AIRFLOW_CONN_BINANCE_ARCHIVE", f'{{"conn_type": "http", "host": "{clean_sandbox.url}"}}')
     return tmp_path
 
 
@@ -126,4 +127,5 @@ def dag_data_env(_dag_data_root, monkeypatch, clean_sandbox):
     monkeypatch.setenv("CURATED_DATA_DIR", str(_dag_data_root / "curated"))
     monkeypatch.setenv("SIGNAL_DATA_DIR", str(_dag_data_root / "signals"))
     monkeypatch.setenv("AIRFLOW_CONN_BINANCE_DEFAULT", f'{{"conn_type": "http", "host": "{clean_sandbox.url}"}}')
+    monkeypatch.setenv("AIRFLOW_CONN_BINANCE_ARCHIVE", f'{{"conn_type": "http", "host": "{clean_sandbox.url}"}}')
     return _dag_data_root

@@ -48,7 +48,9 @@ DESIGN_METRICS = (
      ("binance.banned", "counter", "airflow_binance_banned_total", {}),
      ("binance.weight_used", "gauge", "airflow_binance_weight_used", {}),
      ("signal.generated", "counter", "airflow_signal_generated_total", {}),
-     ("signal.stale", "counter", "airflow_signal_stale_total", {})]
+     ("signal.stale", "counter", "airflow_signal_stale_total", {}),
+     ("archive.download.count", "counter", "airflow_archive_downloads_total", {}),
+     ("archive.checksum_mismatch", "counter", "airflow_archive_checksum_mismatch_total", {})]
     + [(f"binance.request.error.{s}", "counter", "airflow_binance_request_errors_total", {"status": s})
        for s in _STATUSES]
     + [m for i in INTERVALS for m in (
@@ -57,8 +59,24 @@ DESIGN_METRICS = (
         (f"ingest.{i}.gaps_filled", "counter", "airflow_ingest_gaps_filled_total", {"interval": i}),
         (f"ingest.{i}.lag_seconds", "gauge", "airflow_ingest_lag_seconds", {"interval": i}),
         (f"curate.{i}.rows", "counter", "airflow_curate_rows_total", {"interval": i}),
-        (f"curate.{i}.duration", "observer", "airflow_curate_duration_seconds", {"interval": i}))]
+        (f"curate.{i}.duration", "observer", "airflow_curate_duration_seconds", {"interval": i}),
+        (f"quality.{i}.findings", "counter", "airflow_quality_findings_total", {"interval": i}))]
 )
+
+# Emitted by the code beyond DESIGN's list (docs/metrics.md), checked like DESIGN_METRICS.
+_ARCHIVE_STATUSES = ("403", "418", "429", "500", "503", "400", "timeout", "connection")
+CODE_METRICS = (
+    [("archive.download.duration", "observer", "airflow_archive_download_duration_seconds", {}),
+     ("archive.download.retry", "counter", "airflow_archive_download_retries_total", {}),
+     ("archive.file_rejected", "counter", "airflow_archive_files_rejected_total", {})]
+    + [(f"archive.download.error.{s}", "counter", "airflow_archive_download_errors_total", {"status": s})
+       for s in _ARCHIVE_STATUSES]
+    + [(f"ingest.{i}.rows_rejected", "counter", "airflow_ingest_rows_rejected_total", {"interval": i})
+       for i in INTERVALS]
+)
+TASK_METRICS = DESIGN_METRICS + CODE_METRICS
+# First components of the names task code emits (the code scanner's filter).
+EMITTED_PREFIXES = ("archive", "binance", "curate", "ingest", "quality", "signal")
 
 # Airflow's own metrics as Airflow 3.3.2 puts them on the wire with legacy_names_on (each tagged
 # metric is sent twice: variables in the name, and bare). None means: must be dropped.
@@ -494,8 +512,8 @@ def test_every_rule_is_reachable(mapper):
             assert found is rule, f"rule {rule['match']} is shadowed by {found and found['match']}"
 
 
-@pytest.mark.parametrize("name, metric_type, prom_name, labels", DESIGN_METRICS + AIRFLOW_METRICS,
-                         ids=[m[0] for m in DESIGN_METRICS + AIRFLOW_METRICS])
+@pytest.mark.parametrize("name, metric_type, prom_name, labels", TASK_METRICS + AIRFLOW_METRICS,
+                         ids=[m[0] for m in TASK_METRICS + AIRFLOW_METRICS])
 def test_metric_is_mapped(mapper, name, metric_type, prom_name, labels):
     full = f"airflow.{name}"
     fsm_rule, fsm_caps = mapper.fsm_lookup(full, metric_type)
@@ -514,7 +532,7 @@ def test_design_metrics_are_on_the_dashboard(mapper, dashboard):
     used = set()
     for _, expr in all_exprs(dashboard):
         used |= promql_parts(expr)[0]
-    for name, metric_type, prom_name, _ in DESIGN_METRICS:
+    for name, metric_type, prom_name, _ in TASK_METRICS:
         series = {prom_name} if metric_type != "observer" else \
             {prom_name + s for s in ("_bucket", "_sum", "_count", "")}
         assert series & used, f"{name} ({prom_name}) is on no dashboard panel"
@@ -534,23 +552,68 @@ def _emitted_names(tree):
             kind, arg = kinds[func], args[0]
         else:
             continue
-        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
-            yield arg.value, kind
-        elif isinstance(arg, ast.JoinedStr):
-            yield "".join(v.value if isinstance(v, ast.Constant) else "placeholder" for v in arg.values), kind
+        for name in _literal_names(arg):
+            yield name, kind
 
 
-def test_metric_names_emitted_by_the_code_are_mapped(mapper):
+def _literal_names(arg):
+    """The names a metric-name argument can take: a string, an f-string (placeholders read
+    "placeholder"), or either branch of ``a if cond else b``."""
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        yield arg.value
+    elif isinstance(arg, ast.JoinedStr):
+        yield "".join(v.value if isinstance(v, ast.Constant) else "placeholder" for v in arg.values)
+    elif isinstance(arg, ast.IfExp):
+        yield from _literal_names(arg.body)
+        yield from _literal_names(arg.orelse)
+
+
+def _emitted_by_the_code():
+    """(name, kind, file) of every task metric in plugins/, include/market_data/ and dags/; an
+    f-string's placeholders read "placeholder"."""
     found = set()
     for folder in ("plugins", "include/market_data", "dags"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             for name, kind in _emitted_names(ast.parse(path.read_text(), str(path))):
-                if name.split(".")[0] in ("binance", "ingest", "curate", "signal"):
+                if name.split(".")[0] in EMITTED_PREFIXES:
                     found.add((name, kind, path.relative_to(ROOT).as_posix()))
-    assert any(name.startswith("binance.") for name, _, _ in found), "scanner found no Binance metric"
+    return found
+
+
+def test_emitted_names_helper():
+    tree = ast.parse(textwrap.dedent("""
+        _emit("incr", "archive.download.count")
+        _emit("timing", "archive.download.duration", 1.5)
+        _emit("incr", f"archive.download.error.{status}")
+        observability.incr(f"quality.{interval}.findings", 3)
+        stats.gauge("binance.weight_used", 7)
+        observability.incr("signal.generated" if ok else "signal.stale")
+        self._emit(logging.INFO, "info", "event")
+    """))
+    assert sorted(_emitted_names(tree)) == [
+        ("archive.download.count", "counter"), ("archive.download.duration", "observer"),
+        ("archive.download.error.placeholder", "counter"), ("binance.weight_used", "gauge"),
+        ("quality.placeholder.findings", "counter"), ("signal.generated", "counter"),
+        ("signal.stale", "counter")]
+
+
+def test_metric_names_emitted_by_the_code_are_mapped(mapper):
+    found = _emitted_by_the_code()
+    for prefix in EMITTED_PREFIXES:
+        assert any(name.startswith(prefix + ".") for name, _, _ in found), f"scanner found no {prefix}.* metric"
     for name, kind, where in sorted(found):
         rule, prom_name, _ = mapper.map(f"airflow.{name}", kind)
         assert rule is not None and rule.get("action", "map") == "map", f"{where}: {kind} {name} is not mapped"
+
+
+def test_metric_names_emitted_by_the_code_are_listed():
+    """Every emitted name is in DESIGN_METRICS or CODE_METRICS (so it is checked against the mapping,
+    the dashboard and the wire), a placeholder standing for one name component."""
+    listed = {(name, kind) for name, kind, _, _ in TASK_METRICS}
+    for name, kind, where in sorted(_emitted_by_the_code()):
+        pattern = re.compile("^" + re.escape(name).replace("placeholder", "[^.]+") + "$")
+        assert any(pattern.match(n) and k == kind for n, k in listed), \
+            f"{where}: {kind} {name} is in neither DESIGN_METRICS nor CODE_METRICS"
 
 
 _PROBE = textwrap.dedent("""
@@ -585,7 +648,7 @@ def test_what_airflow_really_sends_is_mapped(mapper, tmp_path):
     env = dict(os.environ, AIRFLOW_HOME=str(tmp_path), AIRFLOW__METRICS__STATSD_ON="True",
                AIRFLOW__METRICS__STATSD_HOST="127.0.0.1", AIRFLOW__METRICS__STATSD_PREFIX="airflow",
                AIRFLOW__METRICS__LEGACY_NAMES_ON="True")
-    lines = "\n".join(f"{kind} {name}" for name, kind, _, _ in DESIGN_METRICS)
+    lines = "\n".join(f"{kind} {name}" for name, kind, _, _ in TASK_METRICS)
     out = subprocess.run([sys.executable, "-c", _PROBE], input=lines, capture_output=True, text=True,
                          env=env, timeout=180, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -593,7 +656,7 @@ def test_what_airflow_really_sends_is_mapped(mapper, tmp_path):
     for line in out.stdout.split():
         name, rest = line.split(":", 1)
         received[name] = STATSD_TYPES[rest.split("|")[1]]
-    for name, metric_type, prom_name, labels in DESIGN_METRICS:
+    for name, metric_type, prom_name, labels in TASK_METRICS:
         assert received.get(f"airflow.{name}") == metric_type, f"airflow.{name} not received as {metric_type}"
         assert mapper.map(f"airflow.{name}", metric_type)[1:] == (prom_name, labels)
     wire = {
@@ -665,6 +728,9 @@ def test_dashboard_has_the_required_panels(dashboard):
     assert re.search(r"sum by \(status\) \(rate\(airflow_binance_request_errors_total", joined)
     assert re.search(r"histogram_quantile\(0\.5,.*airflow_binance_request_duration_seconds_bucket", joined)
     assert re.search(r"histogram_quantile\(0\.95,.*airflow_binance_request_duration_seconds_bucket", joined)
+    assert re.search(r"histogram_quantile\(0\.95,.*airflow_archive_download_duration_seconds_bucket", joined)
+    assert re.search(r"sum by \(interval\) \(increase\(airflow_quality_findings_total\{[^}]*\}\[\$__range\]\)\)", joined), \
+        "quality findings per interval over the range"
     assert 'pool="$pool"' in joined
     pool_var = next(v for v in dashboard["templating"]["list"] if v["name"] == "pool")
     assert pool_var["query"] == "binance_api"

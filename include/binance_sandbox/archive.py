@@ -231,11 +231,20 @@ class Archive:
             file.symbol, file.interval, file.start_ms, file.end_ms - 1, 10**12,
             outages=self.faults.outages, now_ms=now,
         )
-        return [row for row in rows if row[6] < now]
+        rows = [row for row in rows if row[6] < now]
+        revisions = self.faults.archive_revisions()
+        if revisions:
+            rows = [list(row) for row in rows]
+            for row in rows:
+                for open_time, column, value in revisions:
+                    if row[0] == open_time:
+                        row[column] = int(value) if column == 8 else value
+        return rows
 
     def zip_and_sha(self, file: ArchiveFile, header: bool = False, now_ms: int | None = None):
         """(zip bytes, sha256 hex) of a published file's content, or None if it holds no candle."""
-        key = (file.symbol, file.interval, file.kind, file.period, self.faults.outages, header)
+        key = (file.symbol, file.interval, file.kind, file.period, self.faults.outages, header,
+               self.faults.archive_revisions())
 
         def build():
             rows = self.rows(file, now_ms)

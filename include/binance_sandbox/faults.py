@@ -16,6 +16,9 @@ faults above never touch those routes, only ``latency_ms``/``jitter_ms`` do):
     "archive_header":         true | false | [SPEC, ...]  a CSV header line first (true: every file)
     "archive_unpublished_after": "YYYY-MM" | null  monthly files of later months are 404
     "archive_publish_delay_s": 0            files appear this long after their period is over
+    "archive_revised":        [{"open_time": MS, "field": "volume", "value": "1.00000000"}, ...]
+                                           the archive's copy of that candle holds another value than
+                                           REST (as when Binance revises a candle after publishing)
 
     SPEC = TARGET | {"file": TARGET, "times": N}
     TARGET = a file name "BTCUSDT-15m-2024-03.zip" (".zip" optional) | a month "2024-03" (every
@@ -62,7 +65,10 @@ DEFAULTS = {
     "archive_header": False,
     "archive_unpublished_after": None,
     "archive_publish_delay_s": 0.0,
+    "archive_revised": [],
 }
+_REVISABLE = ("open", "high", "low", "close", "volume", "quote_asset_volume", "number_of_trades",
+              "taker_buy_base_asset_volume", "taker_buy_quote_asset_volume")
 _ARCHIVE_LISTS = ("archive_missing", "archive_wrong_checksum", "archive_corrupt", "archive_header")
 _CORRUPT_MODES = ("truncate", "garble")
 _PERIOD_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])(-(0[1-9]|[12]\d|3[01]))?$")
@@ -223,6 +229,14 @@ class FaultInjector:
                 validated[key] = None if value is None else [_endpoint_name(v) for v in value]
             elif key in _ARCHIVE_LISTS:
                 validated[key] = parse_archive_specs(key, value)
+            elif key == "archive_revised":
+                if not isinstance(value, list) or not all(
+                        isinstance(v, dict) and set(v) == {"open_time", "field", "value"}
+                        and isinstance(v["open_time"], int) and v["field"] in _REVISABLE
+                        and isinstance(v["value"], str) for v in value):
+                    raise FaultError("archive_revised must be a list of {open_time: ms, field: one of "
+                                     f"{', '.join(_REVISABLE)}, value: decimal string}}")
+                validated[key] = [dict(v) for v in value]
             elif key == "archive_unpublished_after":
                 if value is not None and (not isinstance(value, str) or not _MONTH_RE.match(value)):
                     raise FaultError(f"archive_unpublished_after must be 'YYYY-MM' or null, got {value!r}")
@@ -294,6 +308,12 @@ class FaultInjector:
                 return 0.0
             jitter = self._rng.random() * s["jitter_ms"] if s["jitter_ms"] > 0 else 0.0
             return (s["latency_ms"] + jitter) / 1000.0
+
+    def archive_revisions(self) -> tuple[tuple[int, int, str], ...]:
+        """(open_time, column index in a kline row, value) of each ``archive_revised`` entry."""
+        with self._lock:
+            return tuple((r["open_time"], 1 + _REVISABLE.index(r["field"]) + (r["field"] in _REVISABLE[5:]),
+                          r["value"]) for r in self._settings["archive_revised"])
 
     def archive_publishing(self) -> tuple[float, str | None]:
         """(archive_publish_delay_s, archive_unpublished_after)."""

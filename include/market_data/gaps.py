@@ -307,13 +307,15 @@ class GapSummary:
 
 def gap_check(source: KlineSource, store: RawStore, registry: GapRegistry, symbol: str, window: Window,
               staged: list[str], *, lookback_days: int, floor_ms: int, now: int, path,
-              history_start_ms: int | None = None) -> GapSummary:
+              history_start_ms: int | None = None,
+              quarantined_within: tuple[int, int] | None = None) -> GapSummary:
     """Find missing slots in ``window`` plus the lookback, refetch them, record Binance's holes.
 
     ``floor_ms``: nothing before it is checked. ``history_start_ms``: where the series' history
     begins (its first candle): slots before it are no gap. Every run also refetches whole the
     days on the quarantine record, wherever they lie, and a scheduled run (``lookback_days``)
-    the known gaps due for a re-check.
+    the known gaps due for a re-check. ``quarantined_within``: only the recorded days in that range
+    (a window streamed month by month takes each day with its own month, not with every month).
     """
     interval = window.interval
     checked_end = window.end_ms
@@ -340,7 +342,10 @@ def gap_check(source: KlineSource, store: RawStore, registry: GapRegistry, symbo
     # A quarantined day is refetched whole, whoever touches it first: the record keeps it until
     # every slot is back or is a known gap (see settle_quarantined).
     last_closed = closed_end(now, interval)
-    for day in store.quarantined_days(interval, symbol)[:MAX_QUARANTINED_DAYS_PER_RUN]:
+    recorded = store.quarantined_days(interval, symbol)
+    if quarantined_within is not None:
+        recorded = [d for d in recorded if quarantined_within[0] <= d < quarantined_within[1]]
+    for day in recorded[:MAX_QUARANTINED_DAYS_PER_RUN]:
         day_start, day_end = ceil_to_grid(max(day, series_start), interval), min(day + DAY_MS, last_closed)
         if day_start < day_end:
             summary.quarantined_days.append(day)

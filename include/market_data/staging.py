@@ -30,7 +30,8 @@ PROGRESS_EVERY_S = 10.0
 # the response its rows came from.
 STAGING_SCHEMA = RAW_SCHEMA.append(pa.field("_fetched_at", pa.string())).append(
     pa.field("_latency_ms", pa.float64())).append(pa.field("_source", pa.string())).append(
-    pa.field("_endpoint", pa.string())).append(pa.field("_decimal_places", pa.int64()))
+    pa.field("_endpoint", pa.string())).append(pa.field("_decimal_places", pa.int64())).append(
+    pa.field("_sha256", pa.string()))
 
 
 def staging_root(settings: Settings):
@@ -44,7 +45,8 @@ def _batch_table(batch: KlineBatch) -> pa.Table:
             .append_column("_latency_ms", pa.array([float(batch.latency_ms)] * n, pa.float64()))
             .append_column("_source", pa.array([batch.source] * n, pa.string()))
             .append_column("_endpoint", pa.array([batch.endpoint] * n, pa.string()))
-            .append_column("_decimal_places", pa.array([decimal_places(batch.rows)] * n, pa.int64())))
+            .append_column("_decimal_places", pa.array([decimal_places(batch.rows)] * n, pa.int64()))
+            .append_column("_sha256", pa.array([batch.sha256] * n, pa.string())))
 
 
 @contextlib.contextmanager
@@ -123,7 +125,10 @@ def read_staged(paths: list[str]) -> pa.Table:
     for location in paths:
         if location:
             with resolve_root(location).open("rb") as handle:
-                tables.append(pq.read_table(handle))
+                table = pq.read_table(handle)
+            if "_sha256" not in table.column_names:  # staged before archive provenance existed
+                table = table.append_column("_sha256", pa.nulls(table.num_rows, pa.string()))
+            tables.append(table)
     return pa.concat_tables(tables) if tables else STAGING_SCHEMA.empty_table()
 
 

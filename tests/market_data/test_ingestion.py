@@ -68,10 +68,11 @@ def test_the_open_candle_is_never_written(data_env, sandbox):
 
 
 def test_an_outage_is_recorded_as_a_known_gap_and_not_refetched_every_run(data_env, sandbox):
+    """REST alone: the archive would serve the whole day from one daily file."""
     outage = (to_ms("2024-03-01T06:00Z"), to_ms("2024-03-01T09:00Z"))
     sandbox.set_faults({"outages": [{"start": outage[0], "end": outage[1]}]})
     ingestion = DataIngestion()
-    first = ingestion.ingest("1h", "2024-03-01", "2024-03-02")
+    first = ingestion.ingest("1h", "2024-03-01", "2024-03-02", source="rest")
     truth = sandbox.truth("BTCUSDT", "1h", to_ms("2024-03-01"), to_ms("2024-03-02"))
     assert len(truth) == 21 and stored_rows("1h", "2024-03-01", "2024-03-02") == truth
     assert (first.gaps_found, first.gaps_filled, first.known_gap_slots) == (3, 0, 3)
@@ -79,12 +80,12 @@ def test_an_outage_is_recorded_as_a_known_gap_and_not_refetched_every_run(data_e
     assert [(g.start_ms, g.end_ms, g.missing_slots, g.checks) for g in gaps] == [(*outage, 3, 1)]
     # a second run within the re-check delay does not ask Binance for the hole again
     sandbox.reset_stats()
-    second = ingestion.ingest("1h", "2024-03-01", "2024-03-02")
+    second = ingestion.ingest("1h", "2024-03-01", "2024-03-02", source="rest")
     assert second.gaps_found == 3 and second.known_gap_slots == 0
     assert sandbox.stats()["by_endpoint"]["/api/v3/klines"] == 1  # the window page only
     # once the re-check is due and Binance has the candles, the hole is filled and forgotten
     sandbox.clear_faults()
-    later = ingestion.ingest("1h", "2024-03-01", "2024-03-02", now=now_ms() + 2 * HOUR_MS)
+    later = ingestion.ingest("1h", "2024-03-01", "2024-03-02", now=now_ms() + 2 * HOUR_MS, source="rest")
     assert later.gaps_filled == 3
     assert len(stored_rows("1h", "2024-03-01", "2024-03-02")) == 24
     assert GapRegistry(load_settings().raw_data_dir, "BTCUSDT", "1h").load() == []
@@ -263,13 +264,13 @@ def test_a_symbol_listed_after_ingest_start_has_no_gap_before_its_first_candle(d
     with SandboxServer(host="127.0.0.1", port=0, replay=str(replay)) as late:
         monkeypatch.setenv("AIRFLOW_CONN_BINANCE_DEFAULT", f'{{"conn_type": "http", "host": "{late.url}"}}')
         monkeypatch.setenv("BINANCE_SYMBOLS", "NEWCOINUSDT")
-        first = DataIngestion().ingest("1h", "2023-01-01", "2024-03-03")
+        first = DataIngestion().ingest("1h", "2023-01-01", "2024-03-03", source="rest")
         assert first.gaps_found == 0 and first.rows_added == 48
         requests_first = late.stats()["by_endpoint"]["/api/v3/klines"]
         assert requests_first == 2  # the first-candle lookup and one page from the listing on, not a year of pages
         assert GapRegistry(load_settings().raw_data_dir, "NEWCOINUSDT", "1h").load() == []
         assert SeriesState(load_settings().raw_data_dir, "NEWCOINUSDT", "1h").first_open_ms == to_ms("2024-03-01")
-        again = DataIngestion().ingest("1h", "2023-06-01", "2024-03-03")
+        again = DataIngestion().ingest("1h", "2023-06-01", "2024-03-03", source="rest")
         assert again.gaps_found == 0
         assert late.stats()["by_endpoint"]["/api/v3/klines"] == requests_first + 1  # looked up once only
     assert stored_rows("1h", "2023-01-01", "2024-03-03", symbol="NEWCOINUSDT") == truth
@@ -332,7 +333,7 @@ def test_a_row_breaking_the_row_contract_leaves_a_hole_and_the_rest_is_written(d
 
     with ScriptedServer(sandbox.url, rewrite=taker_above_volume) as server:
         monkeypatch.setenv("AIRFLOW_CONN_BINANCE_DEFAULT", f'{{"conn_type": "http", "host": "{server.url}"}}')
-        summary = DataIngestion().ingest("1h", "2024-03-01", "2024-03-02")
+        summary = DataIngestion().ingest("1h", "2024-03-01", "2024-03-02", source="rest")
     truth = sandbox.truth("BTCUSDT", "1h", to_ms("2024-03-01"), to_ms("2024-03-02"))
     assert stored_rows("1h", "2024-03-01", "2024-03-02") == [row for row in truth if row[0] != bad_open]
     assert summary.gaps_found == 1 and summary.known_gap_slots == 1
