@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt plugins/pyproject.toml | sha1sum | cut -c1-12)
 
 BINANCE_HOST ?= https://data-api.binance.vision
+BINANCE_ARCHIVE_HOST ?= https://data.binance.vision
 SANDBOX_PORT ?= 8900
 AIRFLOW_PORT ?= 8080
 STATSD_HOST ?= localhost
@@ -44,7 +45,9 @@ airflow-setup: venv
 	airflow pools set $${BINANCE_POOL:-binance_api} $${BINANCE_POOL_SLOTS:-4} "Binance REST (every task calling Binance)" > /dev/null
 	airflow connections delete binance_default > /dev/null 2>&1 || true
 	airflow connections add binance_default --conn-type http --conn-host "$(BINANCE_HOST)" > /dev/null
-	@echo "binance_default -> $(BINANCE_HOST); pool $${BINANCE_POOL:-binance_api}; AIRFLOW_HOME=$(AIRFLOW_HOME)"
+	airflow connections delete binance_archive > /dev/null 2>&1 || true
+	airflow connections add binance_archive --conn-type http --conn-host "$(BINANCE_ARCHIVE_HOST)" > /dev/null
+	@echo "binance_default -> $(BINANCE_HOST); binance_archive -> $(BINANCE_ARCHIVE_HOST); pool $${BINANCE_POOL:-binance_api}; AIRFLOW_HOME=$(AIRFLOW_HOME)"
 
 run: airflow-setup
 	@$(BIN)/python -c "import sys, requests; requests.get('$(BINANCE_HOST)/api/v3/ping', timeout=5).raise_for_status()" 2>/dev/null \
@@ -61,8 +64,10 @@ demo: venv
 	for i in $$(seq 1 100); do curl -fsS http://127.0.0.1:$(SANDBOX_PORT)/api/v3/ping > /dev/null 2>&1 && break; sleep 0.2; done; \
 	echo "Binance sandbox on http://127.0.0.1:$(SANDBOX_PORT) (pid $$SANDBOX_PID)"; \
 	AIRFLOW_CONN_BINANCE_DEFAULT='{"conn_type": "http", "host": "http://127.0.0.1:$(SANDBOX_PORT)"}' \
+	AIRFLOW_CONN_BINANCE_ARCHIVE='{"conn_type": "http", "host": "http://127.0.0.1:$(SANDBOX_PORT)"}' \
 	  $(MAKE) --no-print-directory seed || exit 1; \
-	AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False $(MAKE) --no-print-directory run BINANCE_HOST=http://127.0.0.1:$(SANDBOX_PORT)
+	AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False $(MAKE) --no-print-directory run \
+	  BINANCE_HOST=http://127.0.0.1:$(SANDBOX_PORT) BINANCE_ARCHIVE_HOST=http://127.0.0.1:$(SANDBOX_PORT)
 
 # Recent history of every timeframe (ingested, curated) and the latest daily signal, so the
 # demo shows data at once; the DAGs take over from there. Uses binance_default (make demo: the sandbox).

@@ -35,7 +35,7 @@ from include.market_data.gaps import (
 from include.market_data.schema import RAW_COLUMNS, validate_raw
 from include.market_data.sources import BinanceRestSource, KlineBatch, KlineSource
 from include.market_data.staging import (
-    PROGRESS_EVERY_S, STAGING_DIR, STAGING_SCHEMA, FetchSummary, StageSummary, _batch_table, _staging_writer,
+    PROGRESS_EVERY_S, STAGING_DIR, STAGING_SCHEMA, FetchSummary, StageSummary, _batch_table,
     fetch_to_staging, read_staged, stage_ranges, staged_exists, staging_root,
 )
 from include.market_data.storage import RawStore, refuse_open_candles
@@ -59,7 +59,7 @@ class WriteSummary:
     newest_close_ms: int | None = None
 
 
-def write_staged(store: RawStore, symbol: str, interval: str, staged: list[str], *,
+def write_staged(store: RawStore, symbol: str, interval: str, staged: list, *,
                  now: int | None = None) -> WriteSummary:
     """Merge staged rows into the day partitions, with each day's provenance as metadata."""
     return write_rows(store, symbol, interval, read_staged(staged), now=now)
@@ -174,14 +174,8 @@ def ingest_window(source: KlineSource, store: RawStore, registry: GapRegistry, s
 
     def write_month(index: int, span: tuple[int, int], batches: list[KlineBatch]) -> None:
         month = Window(window.interval, *span)
-        fetch_path = staging_dir / f"month-{index:05d}.parquet"
-        staged = []
-        if any(batch.rows for batch in batches):
-            with _staging_writer(fetch_path) as writer:
-                for batch in batches:
-                    if batch.rows:
-                        writer.write_table(_batch_table(batch))
-            staged.append(str(fetch_path))
+        # A month's pages stay in memory (a month of 15m is ~3,000 rows): staged as a table.
+        staged: list = [_batch_table(batch) for batch in batches if batch.rows]
         if check_gaps:
             last = index == len(spans) - 1
             within = quarantined_within if quarantined_within is not None else (None if last else (0, 0))
@@ -199,7 +193,8 @@ def ingest_window(source: KlineSource, store: RawStore, registry: GapRegistry, s
         written.partitions_written += result.partitions_written
         written.newest_close_ms = result.newest_close_ms or written.newest_close_ms
         for path in staged:
-            Path(path).unlink(missing_ok=True)
+            if not isinstance(path, pa.Table):
+                Path(path).unlink(missing_ok=True)
 
     pages = iter(source.batches(symbol, window.interval, clipped.start_ms, clipped.end_ms))
     carry: KlineBatch | None = None

@@ -120,15 +120,20 @@ def fetch_to_staging(source: KlineSource, symbol: str, window: Window, path) -> 
     return summary
 
 
-def read_staged(paths: list[str]) -> pa.Table:
+def read_staged(staged: list) -> pa.Table:
+    """The rows of staging files (paths), or of tables staged in memory, as one STAGING_SCHEMA table."""
     tables = []
-    for location in paths:
-        if location:
-            with resolve_root(location).open("rb") as handle:
-                table = pq.read_table(handle)
-            if "_sha256" not in table.column_names:  # staged before archive provenance existed
-                table = table.append_column("_sha256", pa.nulls(table.num_rows, pa.string()))
-            tables.append(table)
+    for item in staged:
+        if isinstance(item, pa.Table):
+            tables.append(item)
+            continue
+        if not item:
+            continue
+        with resolve_root(item).open("rb") as handle:
+            table = pq.read_table(handle)
+        if "_sha256" not in table.column_names:  # staged before archive provenance existed
+            table = table.append_column("_sha256", pa.nulls(table.num_rows, pa.string()))
+        tables.append(table)
     return pa.concat_tables(tables) if tables else STAGING_SCHEMA.empty_table()
 
 
