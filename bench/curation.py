@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import functools
-import inspect
 import io
 import json
 import os
@@ -103,13 +101,11 @@ def main() -> int:
 
             settings = load_settings()
             ingestion = DataIngestion(settings)
-            if "source" in inspect.signature(ingestion.ingest).parameters:  # REST from the sandbox: no archive host
-                ingestion.ingest = functools.partial(ingestion.ingest, source="rest")
             raw = RawStore(settings.raw_data_dir)
             have = raw.days(INTERVAL, SYMBOL)
             began = time.perf_counter()
             if not have or have[0] > to_ms(HISTORY_START) or have[-1] < to_ms(last_day) - 86_400_000:
-                ingested = ingestion.ingest(INTERVAL, HISTORY_START, last_day, SYMBOL)
+                ingested = ingestion.ingest(INTERVAL, HISTORY_START, last_day, SYMBOL, source="rest")
                 print(f"ingested {ingested.candles_fetched} {INTERVAL} candles in {ingested.pages} pages "
                       f"({len(ingested.days_touched)} day partitions) in {time.perf_counter() - began:.1f} s")
             else:
@@ -134,7 +130,7 @@ def main() -> int:
             print(f"re-curation (no-op):  {again_s:7.3f} s  {again.rows / again_s:>10,.0f} rows/s   "
                   f"(nothing changed, no file rewritten)")
 
-            ingestion.ingest(INTERVAL, last_day, end, SYMBOL)
+            ingestion.ingest(INTERVAL, last_day, end, SYMBOL, source="rest")
             day_ms = to_ms(last_day)
             began = time.perf_counter()
             day = curation.curate_days(INTERVAL, SYMBOL, [day_ms])

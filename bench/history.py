@@ -15,9 +15,7 @@ B. memory  - peak RSS (the child's own ``ru_maxrss`` from ``wait4``) of one 15m 
 The sandbox runs in its own process group (stopped by its pid) with every day of the range kept
 synthesized; before the timed runs each range is read once, untimed, through the archive (no weight,
 so the lowered limit is untouched): both sources then read a warm server. Counters come from
-``/sandbox/stats`` and are reset (with the used weight and any ban) between runs. If ``ingest()``
-has no ``source`` keyword yet, the REST rows use the plain call (REST was then the only source) and
-the auto rows print "not available yet".
+``/sandbox/stats`` and are reset (with the used weight and any ban) between runs.
 
     .venv/bin/python bench/history.py [--weight-limit 240] [--latency-ms 50] [--quick]
         [--skip-budget] [--skip-memory] [--keep]
@@ -38,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import (  # noqa: E402  (bench/ is not a package)
-    DAY_MS, SYMBOL, UNAVAILABLE, Sandbox, archive_requests, child_failure, compare_projects, iso_day, open_times,
+    DAY_MS, SYMBOL, Sandbox, archive_requests, child_failure, compare_projects, iso_day, open_times,
     project_env, read_dataset, rest_requests, run_child, to_ms, weight_of,
 )
 
@@ -76,31 +74,17 @@ def run_project(sandbox: Sandbox, workdir: Path, name: str, intervals, start: st
     out = workdir / name
     args = ["--child", "project", "--intervals", ",".join(intervals), "--start", start, "--end", end,
             "--source", source]
-    if source == "rest":
-        args.append("--fallback-default")
     sandbox.reset()
     result = run_child(args, project_env(out, sandbox.url, extra_env), workdir / f"{name}.log")
     result["stats"] = sandbox.stats()
     result["dir"] = out / "raw"
-    if result["rc"] == UNAVAILABLE:
-        result["unavailable"] = "not available yet"
-    elif result["rc"] != 0:
-        if source != "auto":
-            raise RuntimeError(f"{name} failed, {child_failure(result)}")
-        lines = result["log"].read_text().strip().splitlines()
-        result["unavailable"] = "failed: " + (lines[-1][:150] if lines else f"exit {result['rc']}")
-        print(f"{name} {child_failure(result)}", file=sys.stderr)
+    if result["rc"] != 0:
+        raise RuntimeError(f"{name} failed, {child_failure(result)}")
     return result
-
-
-def label(source: str, result: dict) -> str:
-    return "rest (plain call)" if source == "rest" and result["answer"].get("fell_back") else source
 
 
 def assert_same(a: dict, b: dict, intervals) -> str:
     """The rest and auto datasets hold the same candles with the same values."""
-    if "unavailable" in a or "unavailable" in b:
-        return "not compared (a run is missing)"
     rows = 0
     for interval in intervals:
         x, y = read_dataset(a["dir"], interval), read_dataset(b["dir"], interval)
@@ -130,17 +114,12 @@ def budget_bench(args, workdir: Path) -> str:
     print(f"  {'source':<18} {'wall s':>8} {'REST weight':>12} {'REST req':>9} {'archive req':>12} {'429s':>5} "
           f"{'418s':>5} {'max weight/window':>18} {'day files':>10}")
     for source, r in results.items():
-        if "unavailable" in r:
-            print(f"  {source:<18} source={source}: {r['unavailable']}")
-            continue
         s = r["stats"]
-        print(f"  {label(source, r):<18} {r['wall_s']:>8.1f} {weight_of(s):>12} {rest_requests(s):>9} "
+        print(f"  {source:<18} {r['wall_s']:>8.1f} {weight_of(s):>12} {rest_requests(s):>9} "
               f"{archive_requests(s):>12} {s['rate_limited_429']:>5} {s['banned_418']:>5} "
               f"{s['max_window_weight']:>18} {r['answer'].get('files', 0):>10}")
     same = assert_same(results["rest"], results["auto"], intervals)
     print(f"  data: {same}")
-    if "unavailable" in results["auto"]:
-        return f"budget: rest {results['rest']['wall_s']:.1f} s; auto {results['auto']['unavailable']}"
     ratio = results["rest"]["wall_s"] / results["auto"]["wall_s"]
     rest_weight, auto_weight = weight_of(results["rest"]["stats"]), weight_of(results["auto"]["stats"])
     print(f"  rest / auto wall: {ratio:.1f}x; REST weight {rest_weight} vs {auto_weight}")
@@ -177,12 +156,8 @@ def memory_bench(args, workdir: Path) -> str:
     summary = []
     for source in ("rest", "auto"):
         long_r, short_r = results[(source, "long")], results[(source, "short")]
-        if "unavailable" in long_r or "unavailable" in short_r:
-            print(f"  {source:<18} source={source}: {(long_r.get('unavailable') or short_r.get('unavailable'))}")
-            summary.append(f"{source} not available yet")
-            continue
         ratio = long_r["maxrss_mb"] / short_r["maxrss_mb"]
-        print(f"  {label(source, long_r):<18} {long_r['maxrss_mb']:>12.0f} {short_r['maxrss_mb']:>12.0f} "
+        print(f"  {source:<18} {long_r['maxrss_mb']:>12.0f} {short_r['maxrss_mb']:>12.0f} "
               f"{ratio:>6.2f} {long_r['wall_s']:>12.1f} {short_r['wall_s']:>13.1f} "
               f"{long_r['answer'].get('rows', 0):>10}")
         summary.append(f"{source} {long_r['maxrss_mb']:.0f}/{short_r['maxrss_mb']:.0f} MB ({ratio:.2f}x)")

@@ -63,7 +63,7 @@ def fill(settings, start_ms: int, t0_ms: int) -> dict:
     from include.market_data.ingestion import DataIngestion
 
     began = time.perf_counter()
-    summary = DataIngestion(settings).ingest(INTERVAL, start_ms, t0_ms, SYMBOL)
+    summary = DataIngestion(settings).ingest(INTERVAL, start_ms, t0_ms, SYMBOL, source="rest")
     last_day = (t0_ms - 1) // DAY_MS * DAY_MS
     DataCuration(settings).curate_days(INTERVAL, SYMBOL, [last_day - i * DAY_MS for i in range(7)],
                                        follow_warmup=False)

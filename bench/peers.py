@@ -7,7 +7,7 @@ file per UTC day into its own temporary directory:
 
 - project        ``DataIngestion().ingest(interval, start, end, source="rest")`` (REST like the peers; its
                  raw layout; RAW_DATA_DIR and AIRFLOW_CONN_BINANCE_DEFAULT point at the temp dir and the
-                 sandbox; without the ``source`` keyword, the plain call, which then is REST only)
+                 sandbox)
 - python-binance ``Client.get_historical_klines`` (its base URL pointed at the sandbox; it sleeps
                  1 s after every third call by design: that is the library as users run it)
 - ccxt           a ``binance().fetch_ohlcv(since=..., limit=1000)`` loop (public spot URL pointed at
@@ -51,7 +51,6 @@ INTERVAL_MS = {"1m": 60_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000, "1
 # Binance's REQUEST_WEIGHT of the endpoints the clients here use (for the sandbox's counts).
 ENDPOINT_WEIGHT = {"/api/v3/klines": 2, "/api/v3/ping": 1, "/api/v3/time": 1, "/api/v3/exchangeInfo": 20,
                    "/api/v3/ticker/price": 2, "/api/v3/ticker/24hr": 2}
-UNAVAILABLE = 3  # a child's exit code: the API it was asked to run does not exist (yet)
 DECIMALS = ("open", "high", "low", "close", "volume", "quote_asset_volume", "taker_buy_base_asset_volume",
             "taker_buy_quote_asset_volume")
 # python-binance's row order (the 12 fields of /api/v3/klines)
@@ -283,32 +282,18 @@ def child_ccxt(url: str, out: Path, intervals, start_ms: int, end_ms: int) -> di
             "rateLimit_ms": exchange.rateLimit}
 
 
-def child_project(intervals, start_ms: int, end_ms: int, source: str | None, *, fallback: bool = False) -> dict:
-    """``DataIngestion().ingest(interval, start, end, source=...)`` per interval. Without the ``source``
-    keyword (an older seed API) a ``fallback`` run takes the default source, which then is REST."""
+def child_project(intervals, start_ms: int, end_ms: int, source: str) -> dict:
+    """``DataIngestion().ingest(interval, start, end, source=source)`` per interval."""
     from include.market_data.ingestion import DataIngestion
 
     ingestion = DataIngestion()
     candles = days = pages = 0
-    fell_back = False
     for interval in intervals:
-        try:
-            if source is None or fell_back:
-                summary = ingestion.ingest(interval, start_ms, end_ms)
-            else:
-                summary = ingestion.ingest(interval, start_ms, end_ms, source=source)
-        except TypeError as exc:
-            if "keyword argument 'source'" not in str(exc):
-                raise
-            if not fallback:
-                print(json.dumps({"unavailable": str(exc)}), flush=True)
-                raise SystemExit(UNAVAILABLE) from None
-            fell_back = True
-            summary = ingestion.ingest(interval, start_ms, end_ms)
+        summary = ingestion.ingest(interval, start_ms, end_ms, source=source)
         candles += summary.candles_fetched
         pages += summary.pages
         days += len(summary.days_touched)
-    return {"rows": candles, "files": days, "pages": pages, "fell_back": fell_back}
+    return {"rows": candles, "files": days, "pages": pages}
 
 
 def child_main(args) -> int:
@@ -320,13 +305,12 @@ def child_main(args) -> int:
     elif args.child == "ccxt":
         answer = child_ccxt(args.url, out, intervals, start_ms, end_ms)
     elif args.child == "project":
-        answer = child_project(intervals, start_ms, end_ms, args.source, fallback=args.fallback_default)
+        answer = child_project(intervals, start_ms, end_ms, args.source)
     elif args.child == "imports":  # untimed: the OS page cache holds every client's modules afterwards
-        import ccxt  # noqa: F401
-        import pyarrow.parquet  # noqa: F401
-        from binance.client import Client  # noqa: F401
+        import importlib
 
-        from include.market_data.ingestion import DataIngestion  # noqa: F401
+        for module in ("ccxt", "pyarrow.parquet", "binance.client", "include.market_data.ingestion"):
+            importlib.import_module(module)
         answer = {}
     else:
         raise SystemExit(f"unknown child {args.child!r}")
@@ -422,14 +406,12 @@ def check_datasets(dirs: dict, intervals) -> list[str]:
         assert open_times(ccxt_) == times, f"{interval}: ccxt's open_times differ from the project's"
         b = compare_python_binance(project, places, binance_)
         c = compare_ccxt(project, ccxt_)
-        note = ""
-        if "project auto" in dirs:
-            auto = read_dataset(dirs["project auto"], interval)
-            assert auto is not None and open_times(auto) == times, f"{interval}: source=auto open_times differ"
-            compare_projects(project, auto)
-            note = "; source=auto identical to REST"
+        auto = read_dataset(dirs["project auto"], interval)
+        assert auto is not None and open_times(auto) == times, f"{interval}: source=auto open_times differ"
+        compare_projects(project, auto)
         lines.append(f"  {interval}: {len(times)} open_times equal in all datasets; python-binance "
-                     f"{b['values']} decimal strings exact; ccxt {c['values']} floats == float(Decimal){note}")
+                     f"{b['values']} decimal strings exact; ccxt {c['values']} floats == float(Decimal); "
+                     f"source=auto identical to REST")
     return lines
 
 
@@ -448,8 +430,7 @@ def main(argv=None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--source", help=argparse.SUPPRESS)
-    parser.add_argument("--fallback-default", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--source", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.end = iso_day(to_ms(args.start) + 60 * DAY_MS)
@@ -473,11 +454,8 @@ def main(argv=None) -> int:
         for client in CLIENTS:
             out = workdir / client.replace(" ", "_")
             if client.startswith("project"):
-                child_args = ["--child", "project", *common]
-                if client == "project auto":
-                    child_args += ["--source", "auto"]
-                else:  # REST, as the peers: source="rest" (before the keyword existed REST was the only source)
-                    child_args += ["--source", "rest", "--fallback-default"]
+                source = "auto" if client == "project auto" else "rest"  # REST, as the peers
+                child_args = ["--child", "project", *common, "--source", source]
                 env = project_env(out, sandbox.url)
                 data_dir = out / "raw"
             else:
@@ -487,15 +465,9 @@ def main(argv=None) -> int:
             sandbox.reset()
             result = run_child(child_args, env, workdir / f"{client.replace(' ', '_')}.log")
             result["stats"] = sandbox.stats()
-            if result["rc"] == UNAVAILABLE:
-                result["unavailable"] = result["answer"].get("unavailable", "")
-            elif result["rc"] != 0 and client == "project auto":  # the newest API: report, do not abort the rest
-                result["unavailable"] = "failed: " + _last_line(result)
-                print(f"project auto {child_failure(result)}", file=sys.stderr)
-            elif result["rc"] != 0:
+            if result["rc"] != 0:
                 raise RuntimeError(f"{client} failed, {child_failure(result)}")
-            else:
-                dirs[client] = data_dir
+            dirs[client] = data_dir
             results[client] = result
         print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
@@ -505,9 +477,6 @@ def main(argv=None) -> int:
         binance_wall = results["python-binance"]["wall_s"]
         for client in CLIENTS:
             r = results[client]
-            if "unavailable" in r:
-                print(f"{client:<15} source=auto: not available ({r['unavailable'][:150]})")
-                continue
             s = r["stats"]
             files = r["answer"].get("files", 0)
             if client.startswith("project"):
@@ -520,16 +489,14 @@ def main(argv=None) -> int:
               "them; 'vs X': X's wall / this wall, i.e. x faster)")
         for client in CLIENTS:
             r = results[client]
-            if "unavailable" not in r:
-                print(f"  {client}: by endpoint {_endpoints(r['stats'])}; by status {r['stats']['by_status']}")
+            print(f"  {client}: by endpoint {_endpoints(r['stats'])}; by status {r['stats']['by_status']}")
 
         print("\ndata check:")
         for line in check_datasets(dirs, intervals):
             print(line)
         project = results["project"]["wall_s"]
-        auto = results["project auto"]
-        auto_text = ("source=auto: not available" if "unavailable" in auto else
-                     f"source=auto {ccxt_wall / auto['wall_s']:.2f}x / {binance_wall / auto['wall_s']:.2f}x")
+        auto = results["project auto"]["wall_s"]
+        auto_text = f"source=auto {ccxt_wall / auto:.2f}x / {binance_wall / auto:.2f}x"
         print(f"SUMMARY peers: project {project:.1f} s, {ccxt_wall / project:.2f}x faster than ccxt "
               f"({ccxt_wall:.1f} s), {binance_wall / project:.2f}x faster than python-binance ({binance_wall:.1f} s); "
               f"{auto_text}; datasets equal")
@@ -538,11 +505,6 @@ def main(argv=None) -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0
-
-
-def _last_line(result: dict) -> str:
-    lines = result["log"].read_text().strip().splitlines()
-    return lines[-1] if lines else f"exit {result['rc']}"
 
 
 def _endpoints(stats: dict) -> dict:

@@ -99,7 +99,7 @@ def _prepare_data(start: date, end: date, horizon_days: int) -> tuple:
     frames = {}
     for interval, lead in (("1d", DAILY_LEAD_DAYS), ("4h", INTRADAY_LEAD_DAYS), ("1h", INTRADAY_LEAD_DAYS)):
         first = start - timedelta(days=lead)
-        ingestion.ingest(interval, first, tail_end, SYMBOL)
+        ingestion.ingest(interval, first, tail_end, SYMBOL, source="rest")
         curation.curate_timeframe(interval, SYMBOL)
         frames[interval] = curation.read(interval, SYMBOL, first, tail_end)
     return settings, frames
