@@ -104,7 +104,7 @@ def binance_history():
     def quality(chunks: list[dict]) -> dict:
         from include.market_data import history
 
-        return history.quality(history.span(chunks))
+        return history.quality(history.span(chunks) if chunks else None)
 
     @task(trigger_rule="all_done")
     def report(chunks: list[dict], results, curated, checked, run_id=None) -> dict:

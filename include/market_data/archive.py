@@ -1,8 +1,8 @@
 """Candles from Binance's public data archive, and the ``auto`` source composing it with REST.
 
-:class:`ArchiveSource` serves a window from the archive alone: monthly files for whole months that
-are over, daily files for whole days that are over (and for the days of a month whose monthly file
-is missing). :class:`AutoSource` takes what the archive has and REST for the rest: partial days,
+:class:`ArchiveSource` serves a window from the archive: monthly files for whole months that are
+over, daily files for whole days that are over (and for the days of a month whose monthly file is
+missing). Alone (``archive``) that is all; given a REST source (``auto``) it takes REST for the rest: partial days,
 days not published yet, files that are missing (404) and files the archive client rejected (a
 CHECKSUM mismatch or a corrupt zip, fetched once more by the client) — those are never used, and
 each rejection is reported to the quality report. Where archive and REST both cover a day (the
@@ -24,8 +24,9 @@ from typing import Callable, Iterator
 from binance_provider.facts import ARCHIVE_CONN_ID
 from include.market_data import observability
 from include.market_data.config import Settings
-from include.market_data.sources import KlineBatch, KlineSource
+from include.market_data.sources import BinanceRestSource, KlineBatch, KlineSource
 from include.market_data.timeframes import DAY_MS, now_ms
+from include.market_data.windows import InvalidInput
 
 log = observability.get_logger(__name__)
 
@@ -117,7 +118,7 @@ class ArchiveSource:
 
     def __init__(self, settings: Settings, *, hook=None, rest: KlineSource | None = None,
                  on_rejected: Callable[[ArchiveRejection], None] | None = None,
-                 on_reconciled: Callable[[str, str, list, list], None] | None = None,
+                 on_reconciled: Callable[[str, str, list, list, str], None] | None = None,
                  conn_id: str = ARCHIVE_CONN_ID):
         if hook is None:
             from binance_provider.clients import archive_client  # the hook, or the plain client outside Airflow
@@ -127,7 +128,7 @@ class ArchiveSource:
         self.rest = rest
         self.settings = settings
         self.on_rejected = on_rejected
-        self.on_reconciled = on_reconciled  # (symbol, interval, archive_rows, rest_rows) of a day both cover
+        self.on_reconciled = on_reconciled  # (symbol, interval, archive_rows, rest_rows, file URL) of a day both cover
         self.not_in_archive: list[tuple[int, int]] = []
         self.rest_ranges: list[tuple[int, int]] = []
         self.files_used = 0
@@ -144,6 +145,7 @@ class ArchiveSource:
 
     def batches(self, symbol: str, interval: str, start_ms: int, end_ms: int) -> Iterator[KlineBatch]:
         now = now_ms()
+        self.not_in_archive, self.rest_ranges, self._unreachable = [], [], None  # this window's
         units = plan_units(start_ms, end_ms, now, allow_rest=self.rest is not None)
         if self.rest is None:
             covered = [(u.start_ms, u.end_ms) for u in units]
@@ -156,7 +158,8 @@ class ArchiveSource:
                 reconcile_after = archived[-1]
         # Archive files carry no REST weight: twice BINANCE_MAX_CONCURRENCY of them are in flight.
         workers = max(1, 2 * self.settings.max_concurrency)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="binance-archive") as executor:
+        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="binance-archive")
+        try:
             pending: deque[tuple[Unit, Future]] = deque()
             for unit in units:
                 if unit.kind == "rest":  # in order, after the files before it
@@ -169,6 +172,8 @@ class ArchiveSource:
                     yield from self._finish(*pending.popleft(), symbol, interval, reconcile_after)
             while pending:
                 yield from self._finish(*pending.popleft(), symbol, interval, reconcile_after)
+        finally:  # closed early (an error downstream): files not started are not fetched any more
+            executor.shutdown(wait=False, cancel_futures=True)
 
     # -- internals -----------------------------------------------------------------------
     def _note_uncovered(self, start_ms: int, end_ms: int, covered: list[tuple[int, int]]) -> None:
@@ -193,7 +198,7 @@ class ArchiveSource:
         """Download a unit's file (a month falls back to its days' files when missing): a list of
         ``(unit, ArchiveFile | ArchiveRejection | None)`` in time order, ``None`` for missing."""
         from binance_provider.clients.archive import ArchiveFileRejected
-        from binance_provider.hooks.errors import BinanceUnavailable
+        from binance_provider.hooks.errors import BinanceAPIError
 
         if self._unreachable is not None:  # the archive is down: the rest of the window goes to REST
             return [(unit, None)]
@@ -205,7 +210,7 @@ class ArchiveSource:
         except ArchiveFileRejected as exc:
             return [(unit, ArchiveRejection(symbol, interval, exc.url, exc.kind, unit.start_ms,
                                             exc.expected_sha256, exc.found_sha256, exc.reason))]
-        except BinanceUnavailable as exc:
+        except BinanceAPIError as exc:  # down, banned, or refusing us: REST can still serve (auto)
             if self.rest is None:
                 raise
             self._unreachable = str(exc)
@@ -249,10 +254,15 @@ class ArchiveSource:
                                  sha256=found.sha256)
             if overlap_ms is not None:
                 rest_batches = list(self._rest(symbol, interval, overlap_ms, part.end_ms))
+                rest_day = [r for b in rest_batches for r in b.rows]
                 if self.on_reconciled is not None:
-                    self.on_reconciled(symbol, interval, archived_day, [r for b in rest_batches for r in b.rows],
-                                       found.url)
+                    self.on_reconciled(symbol, interval, archived_day, rest_day, found.url)
                 yield from rest_batches
+                served = {row[0] for row in rest_day}
+                only_archived = [row for row in archived_day if row[0] not in served]
+                if only_archived:  # reported as a presence finding; the archive's candle is not thrown away
+                    yield KlineBatch(only_archived, found.url, _endpoint(found.url), found.fetched_at,
+                                     found.latency_ms, sha256=found.sha256)
 
 
 def _endpoint(url: str) -> str:
@@ -266,11 +276,7 @@ def _endpoint(url: str) -> str:
 def make_source(kind: str, settings: Settings, *, rest: KlineSource | None = None, hook=None,
                 archive_hook=None, on_rejected=None, on_reconciled=None) -> KlineSource:
     """The source named ``kind`` (``auto``, ``archive`` or ``rest``; see SOURCE_KINDS)."""
-    from include.market_data.sources import BinanceRestSource
-
     if kind not in SOURCE_KINDS:
-        from include.market_data.windows import InvalidInput
-
         raise InvalidInput(f"source={kind!r} is not one of {', '.join(SOURCE_KINDS)}")
     if kind != "archive" and rest is None:
         rest = BinanceRestSource(settings, hook=hook)
@@ -279,5 +285,3 @@ def make_source(kind: str, settings: Settings, *, rest: KlineSource | None = Non
     return ArchiveSource(settings, hook=archive_hook, rest=rest if kind == "auto" else None,
                          on_rejected=on_rejected, on_reconciled=on_reconciled)
 
-
-AutoSource = ArchiveSource  # ``auto`` is the archive source with a REST source beside it

@@ -196,8 +196,12 @@ def curate(interval: str, results, *, settings: Settings | None = None) -> dict:
 
 def quality(planned: dict, *, settings: Settings | None = None) -> dict:
     """The cross-timeframe check over the run's range, findings to the quality report."""
+    from airflow.sdk.exceptions import AirflowFailException
+
     from include.market_data.quality import check_range
 
+    if not planned or not planned.get("chunks"):
+        raise AirflowFailException("binance_history: the run was not planned (see the plan task's log)")
     settings = settings or load_settings()
     return check_range(settings, planned["intervals"], planned["symbols"], to_ms(planned["start"]),
                        to_ms(planned["end"]))

@@ -171,6 +171,7 @@ def ingest_window(source: KlineSource, store: RawStore, registry: GapRegistry, s
         return summary
     gap_source = gap_source or source
     started = last_report = time.monotonic()
+    recorded_gaps: list[bool] = []  # per month: did its check record a known gap?
 
     def write_month(index: int, span: tuple[int, int], batches: list[KlineBatch]) -> None:
         month = Window(window.interval, *span)
@@ -185,7 +186,7 @@ def ingest_window(source: KlineSource, store: RawStore, registry: GapRegistry, s
             staged += [p for p in [gaps.path] if p]
             summary.gaps_found += gaps.gaps_found
             summary.gaps_filled += gaps.gaps_filled
-            summary.known_gap_slots += gaps.known_gap_slots
+            recorded_gaps.append(gaps.known_gap_slots > 0)
         result = write_staged(store, symbol, window.interval, staged, now=now)
         written.days += result.days
         written.rows_added += result.rows_added
@@ -230,8 +231,29 @@ def ingest_window(source: KlineSource, store: RawStore, registry: GapRegistry, s
                          eta_s=round(elapsed / done * (len(spans) - done), 1))
         while pending:
             pending.popleft().result()
+    if check_gaps:
+        summary.gaps_filled += _resolve_gaps_across_months(store, registry, symbol, clipped)
+        if any(recorded_gaps):  # counted once over the window (a gap may span months, merged into one)
+            summary.known_gap_slots = sum(g.missing_slots for g in registry.load()
+                                          if g.start_ms < clipped.end_ms and clipped.start_ms < g.end_ms)
     summary.not_in_archive = list(getattr(source, "not_in_archive", []))
     return summary
+
+
+def _resolve_gaps_across_months(store: RawStore, registry: GapRegistry, symbol: str, window: Window) -> int:
+    """A known gap spanning a month boundary lies inside no single month's check: once the window
+    covering it is stored, forget it if every slot of it is there now (Binance published them)."""
+    from include.market_data.archive import month_start_ms
+    from include.market_data.gaps import missing_ranges
+
+    filled = 0
+    for gap in registry.load():
+        inside = window.start_ms <= gap.start_ms and gap.end_ms <= window.end_ms
+        if inside and month_start_ms(gap.start_ms) != month_start_ms(gap.end_ms - 1):
+            stored = store.open_times(window.interval, symbol, gap.start_ms, gap.end_ms)
+            holes = missing_ranges(stored, gap.start_ms, gap.end_ms, window.interval)
+            filled += registry.resolve(holes, gap.start_ms, gap.end_ms)
+    return filled
 
 
 # -- the shell API -----------------------------------------------------------------------

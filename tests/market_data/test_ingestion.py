@@ -339,3 +339,19 @@ def test_a_row_breaking_the_row_contract_leaves_a_hole_and_the_rest_is_written(d
     assert summary.gaps_found == 1 and summary.known_gap_slots == 1
     gaps = GapRegistry(load_settings().raw_data_dir, "BTCUSDT", "1h").load()
     assert [(g.start_ms, g.end_ms) for g in gaps] == [(bad_open, bad_open + HOUR_MS)]
+
+
+def test_a_known_gap_across_a_month_boundary_is_forgotten_once_binance_has_it(data_env, sandbox):
+    """Windows are checked a month at a time: a hole spanning midnight of a month's end is still
+    recorded as one known gap, and forgotten when a later run finds every slot of it."""
+    outage = (to_ms("2024-02-29T22:00Z"), to_ms("2024-03-01T02:00Z"))
+    sandbox.set_faults({"outages": [{"start": outage[0], "end": outage[1]}]})
+    first = DataIngestion().ingest("1h", "2024-02-28", "2024-03-03", source="rest")
+    assert first.known_gap_slots == 4
+    registry = GapRegistry(load_settings().raw_data_dir, "BTCUSDT", "1h")
+    assert [(g.start_ms, g.end_ms, g.missing_slots) for g in registry.load()] == [(*outage, 4)]
+    sandbox.clear_faults()
+    DataIngestion().ingest("1h", "2024-02-28", "2024-03-03", source="rest", now=now_ms() + 2 * HOUR_MS)
+    assert registry.load() == []
+    assert stored_rows("1h", "2024-02-28", "2024-03-03") == sandbox.truth("BTCUSDT", "1h", to_ms("2024-02-28"),
+                                                                         to_ms("2024-03-03"))
