@@ -130,8 +130,6 @@ class ArchiveSource:
         self.on_rejected = on_rejected
         self.on_reconciled = on_reconciled  # (symbol, interval, archive_rows, rest_rows, file URL) of a day both cover
         self.not_in_archive: list[tuple[int, int]] = []
-        self.rest_ranges: list[tuple[int, int]] = []
-        self.files_used = 0
         self._unreachable: str | None = None
 
     # -- the seam ------------------------------------------------------------------------
@@ -145,7 +143,7 @@ class ArchiveSource:
 
     def batches(self, symbol: str, interval: str, start_ms: int, end_ms: int) -> Iterator[KlineBatch]:
         now = now_ms()
-        self.not_in_archive, self.rest_ranges, self._unreachable = [], [], None  # this window's
+        self.not_in_archive, self._unreachable = [], None  # this window's
         units = plan_units(start_ms, end_ms, now, allow_rest=self.rest is not None)
         if self.rest is None:
             covered = [(u.start_ms, u.end_ms) for u in units]
@@ -191,7 +189,6 @@ class ArchiveSource:
         if self.rest is None:
             self.not_in_archive.append((start_ms, end_ms))
             return
-        self.rest_ranges.append((start_ms, end_ms))
         yield from self.rest.batches(symbol, interval, start_ms, end_ms)
 
     def _files(self, symbol: str, interval: str, unit: Unit, now: int) -> list[tuple[Unit, object]]:
@@ -239,7 +236,6 @@ class ArchiveSource:
                     self.on_rejected(found)
                 yield from self._rest(symbol, interval, part.start_ms, part.end_ms)
                 continue
-            self.files_used += 1
             if found.rejected:  # rows breaking the row contract: their slots stay holes for the gap check
                 observability.incr(f"ingest.{interval}.rows_rejected", len(found.rejected))
             rows = [row for row in found.rows if part.start_ms <= row[0] < part.end_ms]

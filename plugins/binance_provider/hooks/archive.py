@@ -16,7 +16,7 @@ from binance_provider.clients.archive import (
     archive_interval,
     parse_kline_csv,
 )
-from binance_provider.facts import ARCHIVE_CONN_ID, HookSettings
+from binance_provider.facts import ARCHIVE_CONN_ID
 from binance_provider.hooks.connection import AirflowConnection
 
 __all__ = [
@@ -46,20 +46,5 @@ class BinanceArchiveHook(AirflowConnection, BinanceArchiveClient, HttpHook):
     conn_type = "http"
     hook_name = "Binance public data archive"
 
-    def __init__(
-        self,
-        binance_archive_conn_id: str = default_conn_name,
-        *,
-        settings: HookSettings | None = None,
-        timeout_s: float = 30.0,
-        max_tries: int = 8,
-        max_time_s: float = 300.0,
-        backoff_factor_s: float = 0.5,
-        backoff_cap_s: float = 30.0,
-        **kwargs: Any,
-    ) -> None:
-        kwargs.pop("method", None)
-        HttpHook.__init__(self, method="GET", http_conn_id=binance_archive_conn_id, **kwargs)
-        BinanceArchiveClient.__init__(self, binance_archive_conn_id, settings=settings, timeout_s=timeout_s,
-                                      max_tries=max_tries, max_time_s=max_time_s,
-                                      backoff_factor_s=backoff_factor_s, backoff_cap_s=backoff_cap_s)
+    def __init__(self, binance_archive_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        self._set_up(BinanceArchiveClient, binance_archive_conn_id, kwargs)

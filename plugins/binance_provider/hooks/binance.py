@@ -28,7 +28,7 @@ from binance_provider.clients.rest import (
     page_windows,
     validate_klines,
 )
-from binance_provider.facts import BINANCE_CONN_ID, HookSettings
+from binance_provider.facts import BINANCE_CONN_ID
 from binance_provider.hooks.connection import AirflowConnection
 
 __all__ = [
@@ -67,20 +67,5 @@ class BinanceHook(AirflowConnection, BinanceClient, HttpHook):
     conn_type = "http"
     hook_name = "Binance"
 
-    def __init__(
-        self,
-        binance_conn_id: str = default_conn_name,
-        *,
-        settings: HookSettings | None = None,
-        timeout_s: float = 10.0,
-        max_tries: int = 8,
-        max_time_s: float = 300.0,
-        backoff_factor_s: float = 0.5,
-        backoff_cap_s: float = 30.0,
-        **kwargs: Any,
-    ) -> None:
-        kwargs.pop("method", None)
-        HttpHook.__init__(self, method="GET", http_conn_id=binance_conn_id, **kwargs)
-        BinanceClient.__init__(self, binance_conn_id, settings=settings, timeout_s=timeout_s, max_tries=max_tries,
-                               max_time_s=max_time_s, backoff_factor_s=backoff_factor_s,
-                               backoff_cap_s=backoff_cap_s)
+    def __init__(self, binance_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        self._set_up(BinanceClient, binance_conn_id, kwargs)

@@ -15,12 +15,27 @@ from airflow.providers.http.hooks.http import HttpHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 
 
+# The plain clients' keyword options; every other keyword argument of a hook goes to HttpHook.
+CLIENT_OPTIONS = ("settings", "timeout_s", "max_tries", "max_time_s", "backoff_factor_s", "backoff_cap_s")
+
+
 class AirflowConnection:
     """The Airflow connection named by the hook's ``conn_name_attr`` attribute, looked up once;
-    when it does not exist the class's ``default_host`` is used."""
+    when it does not exist the class's ``default_host`` is used.
+
+    :meth:`_set_up` initialises both halves of ``Hook(AirflowConnection, Client, HttpHook)``: the
+    client with its own options (their defaults live in one place, the client), HttpHook with the
+    rest (``method`` is always GET)."""
 
     log = HttpHook.log
     url_from_endpoint = HttpHook.url_from_endpoint
+
+    def _set_up(self, client: type, conn_id: str, kwargs: dict[str, Any]) -> None:
+        """Initialise HttpHook and ``client`` (this hook's plain client class) from the hook's arguments."""
+        client_options = {name: kwargs.pop(name) for name in CLIENT_OPTIONS if name in kwargs}
+        kwargs.pop("method", None)
+        HttpHook.__init__(self, method="GET", http_conn_id=conn_id, **kwargs)
+        client.__init__(self, conn_id, **client_options)
 
     def _resolve_connection(self) -> Any:
         """The Airflow connection, looked up once; ``None`` (default host) when it does not exist."""
