@@ -38,6 +38,11 @@ class _Stats:
             self.archive_by_kind: Counter = Counter()
             self.archive_by_status: Counter = Counter()
             self.archive_bytes = 0
+            self.archive_in_flight = 0  # archive requests received and not yet answered (a test can act mid-download)
+
+    def archive_started(self, delta: int = 1):
+        with self._lock:
+            self.archive_in_flight += delta
 
     def record(self, path: str, status: int):
         with self._lock:
@@ -63,6 +68,7 @@ class _Stats:
                 "archive_by_kind": dict(self.archive_by_kind),
                 "archive_by_status": dict(self.archive_by_status),
                 "archive_bytes": self.archive_bytes,
+                "archive_in_flight": self.archive_in_flight,
             }
 
 
@@ -168,6 +174,14 @@ class _Handler(BaseHTTPRequestHandler):
     # -- the public-data archive (no weight; only added latency applies) ------------------
 
     def _archive(self, method: str, path: str):
+        sandbox = self.sandbox
+        sandbox._stats.archive_started()
+        try:
+            self._archive_answer(method, path)
+        finally:
+            sandbox._stats.archive_started(-1)
+
+    def _archive_answer(self, method: str, path: str):
         sandbox = self.sandbox
         delay = sandbox._faults.archive_delay_s()
         if delay > 0:

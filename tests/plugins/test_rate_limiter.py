@@ -211,3 +211,17 @@ def test_unknown_endpoint_weight_names_the_endpoint():
 def test_normalize_endpoint():
     assert normalize_endpoint("api/v3/klines?symbol=X") == "/api/v3/klines"
     assert normalize_endpoint("/api/v3/ping") == "/api/v3/ping"
+
+
+def test_without_a_redis_url_the_shared_limiter_and_ban_record_are_the_per_process_ones(monkeypatch, tmp_path):
+    from binance_provider.hooks.rate_limiter import BanRecord, limiter_redis_url, shared_ban_record, shared_limiter
+
+    monkeypatch.setenv("BINANCE_LIMITER_REDIS_URL", "  ")  # empty counts as unset
+    assert limiter_redis_url() is None
+    limiter = shared_limiter("http://127.0.0.1:1/", 10, 60.0)
+    assert limiter is WeightLimiter.shared("http://127.0.0.1:1", 10, 60.0)
+    record = shared_ban_record("http://127.0.0.1:1", None)
+    assert type(record) is BanRecord and shared_ban_record("http://127.0.0.1:1", record) is record
+    assert record.path.name == "127.0.0.1_1.ban"
+    monkeypatch.setenv("BINANCE_LIMITER_REDIS_URL", " redis://r:6379/2 ")
+    assert limiter_redis_url() == "redis://r:6379/2"

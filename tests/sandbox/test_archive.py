@@ -251,6 +251,26 @@ def test_archive_requests_carry_no_weight_and_are_counted_apart(srv):
     assert session.delete(srv.url + "/sandbox/stats", timeout=10).json()["archive_requests"] == 0
 
 
+def test_archive_requests_in_flight_are_counted_until_answered(srv):
+    """A test can act while a download is under way (the cluster test kills a worker mid-download)."""
+    import threading
+
+    srv.set_faults({"latency_ms": 1500, "endpoints": ["archive"]})
+    answer = {}
+    download = threading.Thread(target=lambda: answer.update(
+        r=requests.get(srv.url + file_path("BTCUSDT", "15m", "2024-01"), timeout=10)))
+    download.start()
+    seen = []
+    for _ in range(100):  # bounded: 10 s
+        seen.append(srv.stats()["archive_in_flight"])
+        if seen[-1] == 1 or not download.is_alive():
+            break
+        time.sleep(0.1)
+    download.join(timeout=10)
+    assert seen[-1] == 1 and answer["r"].status_code == 200
+    assert srv.stats()["archive_in_flight"] == 0 and srv.stats()["archive_requests"] == 1
+
+
 def test_rest_faults_and_bans_do_not_touch_the_archive(srv):
     srv.set_faults({"error_rate": 1.0, "garbage_rate": 1.0, "truncate_rate": 1.0, "hang_rate": 1.0})
     assert archive_rows(srv, "BTCUSDT", "1d", "2024-01")

@@ -37,7 +37,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 from requests import Response
@@ -46,7 +46,7 @@ from binance_provider.clients.rest import DEFAULT_BAN_S
 from binance_provider.facts import ARCHIVE_CONN_ID, DEFAULT_ARCHIVE_HOST, HookSettings, validate_symbol
 from binance_provider.hooks.errors import BinanceAPIError, BinanceBanned, BinanceUnavailable
 from binance_provider.hooks.intervals import BINANCE_INTERVALS
-from binance_provider.hooks.rate_limiter import BanRecord
+from binance_provider.hooks.rate_limiter import BanRecord, shared_ban_record
 from binance_provider.hooks.transport import (
     _TRANSPORT_ERRORS,
     PerThreadSessions,
@@ -57,6 +57,9 @@ from binance_provider.hooks.transport import (
 )
 from binance_provider.klines import KLINE_FIELDS, KlineValidationError, RejectedRow, validate_klines
 from binance_provider.metrics import emit as _emit
+
+if TYPE_CHECKING:
+    from binance_provider.hooks.redis_limiter import RedisBanRecord
 
 __all__ = [
     "ArchiveFile",
@@ -354,11 +357,13 @@ class BinanceArchiveClient(PerThreadSessions):
         return self.url_from_endpoint(path)
 
     @property
-    def ban_record(self) -> BanRecord:
-        """The machine-wide record of a 418 ban for this client's host (see the class docstring)."""
-        if self._ban_record is None:
-            self._ban_record = BanRecord(self.source)
-        return self._ban_record
+    def ban_record(self) -> BanRecord | RedisBanRecord:
+        """The record of a 418 ban for this client's host (see the class docstring): in Redis when
+        ``BINANCE_LIMITER_REDIS_URL`` is set (every worker), else a file under ``BINANCE_BAN_DIR``."""
+        record = shared_ban_record(self.source, self._ban_record)
+        if isinstance(record, BanRecord):
+            self._ban_record = record
+        return record
 
     # -- files -----------------------------------------------------------------------------------
 

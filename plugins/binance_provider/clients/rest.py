@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 from requests import Response
@@ -36,6 +36,8 @@ from binance_provider.hooks.rate_limiter import (
     WeightLimiter,
     normalize_endpoint,
     request_weight,
+    shared_ban_record,
+    shared_limiter,
 )
 from binance_provider.hooks.transport import (
     _TRANSPORT_ERRORS,
@@ -63,6 +65,9 @@ from binance_provider.klines import (
     validate_klines,
 )
 from binance_provider.metrics import emit as _emit
+
+if TYPE_CHECKING:
+    from binance_provider.hooks.redis_limiter import RedisBanRecord, RedisWeightLimiter
 
 __all__ = [
     "BinanceAPIError",
@@ -208,18 +213,20 @@ class BinanceClient(PerThreadSessions):
         self._ban_record: BanRecord | None = None
 
     @property
-    def limiter(self) -> WeightLimiter:
-        """The process-wide limiter for this client's host."""
-        return WeightLimiter.shared(
-            self.source, self.settings.rate_limit_budget, self.settings.rate_limit_window_s
-        )
+    def limiter(self) -> WeightLimiter | RedisWeightLimiter:
+        """The limiter for this client's host: shared by every process and worker through Redis
+        when ``BINANCE_LIMITER_REDIS_URL`` is set, else by the threads of this process
+        (:func:`binance_provider.hooks.rate_limiter.shared_limiter`)."""
+        return shared_limiter(self.source, self.settings.rate_limit_budget, self.settings.rate_limit_window_s)
 
     @property
-    def ban_record(self) -> BanRecord:
-        """The machine-wide record of a 418 ban for this client's host."""
-        if self._ban_record is None:
-            self._ban_record = BanRecord(self.source)
-        return self._ban_record
+    def ban_record(self) -> BanRecord | RedisBanRecord:
+        """The record of a 418 ban for this client's host: in Redis when ``BINANCE_LIMITER_REDIS_URL``
+        is set (every worker), else a file under ``BINANCE_BAN_DIR`` (every process of the machine)."""
+        record = shared_ban_record(self.source, self._ban_record)
+        if isinstance(record, BanRecord):
+            self._ban_record = record
+        return record
 
     # -- one request with limiter, retries and status handling -------------------------------
 

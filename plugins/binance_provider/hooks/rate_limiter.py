@@ -5,7 +5,13 @@ reports the running total in ``X-MBX-USED-WEIGHT-1M``. :class:`WeightLimiter` ke
 thread of a process under a budget (a safety fraction of the limit) by combining its own
 accounting with the server's count, which also includes other processes on the same IP.
 It also holds the two pieces of state every caller of a host must share: the pause after a
-429 (``Retry-After``) and the ban after a 418.
+429 (``Retry-After``) and the ban after a 418; :class:`BanRecord` keeps the ban in a file so the
+other processes of the machine (and an Airflow retry) honour it too.
+
+That budget is per process. With ``BINANCE_LIMITER_REDIS_URL`` set, :func:`shared_limiter` and
+:func:`shared_ban_record` hand out the Redis-backed ones of
+:mod:`binance_provider.hooks.redis_limiter` instead (one budget and one ban per host for every
+process and worker); without it, they are :meth:`WeightLimiter.shared` and a :class:`BanRecord`.
 """
 
 from __future__ import annotations
@@ -32,6 +38,20 @@ ENDPOINT_WEIGHTS: dict[str, tuple[int, int]] = {
     "/api/v3/ticker/price": (2, 4),
     "/api/v3/ticker/24hr": (2, 80),
 }
+
+
+LIMITER_REDIS_URL_VARIABLE = "BINANCE_LIMITER_REDIS_URL"
+
+
+def limiter_redis_url(env: Mapping[str, str] | None = None) -> str | None:
+    """``BINANCE_LIMITER_REDIS_URL`` (``None`` when unset or empty)."""
+    value = ((os.environ if env is None else env).get(LIMITER_REDIS_URL_VARIABLE) or "").strip()
+    return value or None
+
+
+def host_of(base_url: str) -> str:
+    """``host:port`` of a base URL: what Binance's per-IP limits (and so the ban records) key on."""
+    return urlsplit(base_url).netloc or base_url
 
 
 def normalize_endpoint(endpoint: str | None) -> str:
@@ -246,7 +266,7 @@ class BanRecord:
             directory = os.environ.get("BINANCE_BAN_DIR") or Path(
                 os.environ.get("AIRFLOW_HOME") or Path(tempfile.gettempdir()) / "airflow") / "binance_bans"
         root = Path(directory)
-        host = urlsplit(base_url).netloc or base_url
+        host = host_of(base_url)
         self.path = root / (re.sub(r"[^A-Za-z0-9_.-]", "_", host) + ".ban")
         self._seen: tuple[int, int] | None = None
         self._until_s = 0.0
@@ -278,3 +298,33 @@ class BanRecord:
                 os.replace(temp, self.path)  # readers see the old ban or the new one, never a part
         except OSError:
             pass  # the in-process limiter still holds the ban
+
+
+# -- which limiter and ban record a client uses ---------------------------------------------------
+
+
+def shared_limiter(base_url: str, budget: int, window_s: float) -> Any:
+    """The limiter of ``base_url`` for this process: the Redis-backed one shared by every process
+    when ``BINANCE_LIMITER_REDIS_URL`` is set, else :meth:`WeightLimiter.shared`.
+
+    With Redis configured but unreachable this raises
+    :class:`~binance_provider.hooks.redis_limiter.LimiterBackendUnavailable`: never a silent
+    per-process budget.
+    """
+    url = limiter_redis_url()
+    if url is None:
+        return WeightLimiter.shared(base_url, budget, window_s)
+    from binance_provider.hooks.redis_limiter import RedisWeightLimiter
+
+    return RedisWeightLimiter.shared(url, base_url, budget, window_s)
+
+
+def shared_ban_record(base_url: str, file_record: BanRecord | None = None) -> Any:
+    """The 418 record of ``base_url``: in Redis when ``BINANCE_LIMITER_REDIS_URL`` is set, else
+    ``file_record`` (the caller's cached :class:`BanRecord`) or a new one."""
+    url = limiter_redis_url()
+    if url is None:
+        return file_record if file_record is not None else BanRecord(base_url)
+    from binance_provider.hooks.redis_limiter import RedisBanRecord
+
+    return RedisBanRecord.shared(url, base_url)
