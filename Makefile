@@ -26,7 +26,7 @@ export AIRFLOW__LOGGING__LOGGING_LEVEL ?= $(or $(LOG_LEVEL),INFO)
 export PYTHONPATH := $(CURDIR)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: venv run demo seed test bench sandbox airflow-setup clean
+.PHONY: venv system-deps run demo seed test test-fast bench sandbox airflow-setup cluster cluster-stop cluster-status clean
 
 venv: $(STAMP)
 
@@ -85,8 +85,39 @@ seed: venv
 sandbox: venv
 	$(BIN)/python -m include.binance_sandbox --port $(SANDBOX_PORT)
 
-test: venv
+# What the cluster, metrics-chain and browser suites need from Debian, installed when missing
+# (PostgreSQL runs as the postgres user; Prometheus and promtool; Redis; chromium for Playwright).
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+system-deps:
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1 || command -v initdb > /dev/null || missing="$$missing postgresql"; \
+	command -v redis-server > /dev/null || missing="$$missing redis-server"; \
+	command -v prometheus > /dev/null && command -v promtool > /dev/null || missing="$$missing prometheus"; \
+	command -v chromium > /dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing from Debian:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing > /dev/null; \
+	fi
+
+# Everything, the cluster, browser and fault-matrix suites included (CI runs this).
+test: venv system-deps
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+
+# Daily work: everything but the suites marked slow (cluster, standalone + browser, fault matrix).
+test-fast: venv
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow"
+
+# The CeleryExecutor shape of docker-compose.yaml as local processes (include/cluster): PostgreSQL,
+# Redis, api-server, scheduler, dag-processor, triggerer, 2 Celery workers and the sandbox (or
+# BINANCE_HOST=https://... make cluster for real Binance), on free 127.0.0.1 ports, state in .cluster/.
+cluster: venv system-deps
+	$(BIN)/python -m include.cluster start $(if $(filter file,$(origin BINANCE_HOST)),,--binance-host $(BINANCE_HOST))
+
+cluster-stop: venv
+	$(BIN)/python -m include.cluster stop
+
+cluster-status: venv
+	$(BIN)/python -m include.cluster status
 
 # The peer comparison and the deep-history benches come last (they take minutes: full histories).
 bench: venv
@@ -94,4 +125,4 @@ bench: venv
 	  echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 clean:
-	rm -rf $(AIRFLOW_HOME) data
+	rm -rf $(AIRFLOW_HOME) data .cluster

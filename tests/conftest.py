@@ -33,6 +33,11 @@ for name in ("BINANCE_SYMBOLS", "BINANCE_INTERVALS", "RAW_DATA_DIR", "CURATED_DA
     os.environ.pop(name, None)
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: the cluster, standalone + browser and fault-matrix suites (make test-fast skips them)")
+
+
 @pytest.fixture(scope="session")
 def sandbox():
     """One Binance sandbox on a free 127.0.0.1 port for the whole session."""

@@ -1,0 +1,1 @@
+"""The CeleryExecutor shape of docker-compose.yaml as local processes (``make cluster``); see manager.py."""

@@ -1,0 +1,5 @@
+import sys
+
+from include.cluster.manager import main
+
+sys.exit(main())
