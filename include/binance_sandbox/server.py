@@ -29,6 +29,7 @@ def _json(payload) -> bytes:
 class _Stats:
     def __init__(self):
         self._lock = threading.Lock()
+        self.archive_in_flight = 0  # archive requests received and not yet answered (a gauge: reset keeps it)
         self.reset()
 
     def reset(self):
@@ -38,7 +39,6 @@ class _Stats:
             self.archive_by_kind: Counter = Counter()
             self.archive_by_status: Counter = Counter()
             self.archive_bytes = 0
-            self.archive_in_flight = 0  # archive requests received and not yet answered (a test can act mid-download)
 
     def archive_started(self, delta: int = 1):
         with self._lock:
@@ -81,6 +81,11 @@ class _Handler(BaseHTTPRequestHandler):
     @property
     def sandbox(self) -> "SandboxServer":
         return self.server.sandbox
+
+    def parse_request(self) -> bool:
+        # when the request reached us, before anything (a test's hold, a latency fault) delays it
+        self.arrived_s = self.sandbox._limiter.clock()
+        return super().parse_request()
 
     def log_message(self, format, *args):
         if self.sandbox.verbose:
@@ -208,7 +213,8 @@ class _Handler(BaseHTTPRequestHandler):
         known = method == "GET" and path in api.routes
         weight = api.weight(path, params) if known else 0
 
-        admission = sandbox._limiter.admit(client, weight)
+        connection = self.client_address[1]
+        admission = sandbox._limiter.admit(client, weight, self.arrived_s, connection)
         headers = {WEIGHT_HEADER: admission.used_weight}
         if admission.status != 200:
             headers["Retry-After"] = admission.retry_after_s
@@ -222,7 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
         if plan.ban or plan.storm_retry_after_s is not None:
             if plan.storm_retry_after_s is not None:
                 retry = plan.storm_retry_after_s
-                sandbox._limiter.told_to_wait(client, retry)
+                sandbox._limiter.told_to_wait(client, retry, connection)
                 status, message = 429, sandbox._limit_message(429)
             else:
                 retry = plan.ban_s if plan.ban_s is not None else int(sandbox._limiter.ban_s)

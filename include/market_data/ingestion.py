@@ -26,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from binance_provider.hooks.errors import BinanceAPIError
+
 from include.market_data import observability
 from include.market_data.config import BINANCE_CONN_ID, Settings, load_settings
 from include.market_data.gaps import (
@@ -424,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(DataCuration(settings).curate_timeframe(args.interval, symbol, args.start, end))
     except ValueError as exc:  # InvalidInput, ConfigError, CurationError: one line naming the input
         parser.exit(2, f"error: {exc}\n")
+    except BinanceAPIError as exc:  # banned (with its end), unavailable, rate-limited: one line, no traceback
+        parser.exit(1, f"error: {exc}\n")
     return 0
 
 

@@ -58,6 +58,35 @@ def test_hammering_after_429_gets_banned_and_bans_double():
     assert (second_ban.status, second_ban.retry_after_s) == (418, 240)
 
 
+def test_requests_in_flight_when_a_429_is_sent_get_the_429_not_a_ban():
+    """Binance bans clients that keep calling after a 429, not the requests they had under way."""
+    from include.binance_sandbox.ratelimit import IN_FLIGHT_GRACE_S
+
+    clock = FakeClock(1000.0)
+    limiter = WeightLimiter(weight_limit=2, window_s=60, ban_s=120, clock=clock)
+    limiter.admit("ip", 2, 1000.0, "c1")
+    told = limiter.admit("ip", 1, 1000.0, "c1")  # the 429, sent at 1000.0 on connection c1
+    assert told.status == 429
+    clock.now = 1000.02
+    # arrived before the 429 went out (it waited in the server), on any connection: 429 again
+    assert limiter.admit("ip", 1, 999.99, "c2").status == 429
+    # on another connection just after it: could not have been read yet
+    assert limiter.admit("ip", 1, 1000.0 + IN_FLIGHT_GRACE_S / 2, "c3").status == 429
+    # on the 429's own connection, the client had read the 429 before it sent this: banned
+    assert limiter.admit("ip", 1, 1000.01, "c1").status == 418
+
+
+def test_another_connection_well_after_a_429_is_banned():
+    from include.binance_sandbox.ratelimit import IN_FLIGHT_GRACE_S
+
+    clock = FakeClock(1000.0)
+    limiter = WeightLimiter(weight_limit=2, window_s=60, ban_s=120, clock=clock)
+    limiter.admit("ip", 2, 1000.0, "c1")
+    assert limiter.admit("ip", 1, 1000.0, "c1").status == 429
+    clock.now = 1000.0 + 2 * IN_FLIGHT_GRACE_S
+    assert limiter.admit("ip", 1, clock.now, "c2").status == 418
+
+
 def test_waiting_out_retry_after_is_not_punished():
     clock = FakeClock(30.0)
     limiter = WeightLimiter(weight_limit=1, window_s=60, ban_s=120, clock=clock)
