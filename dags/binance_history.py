@@ -23,6 +23,7 @@ from datetime import datetime, timedelta, timezone
 
 from airflow.sdk import Param, dag, task
 
+from include.market_data.alerting import on_task_failure
 from include.market_data.config import SYMBOL_PATTERN, load_settings
 
 SETTINGS = load_settings()
@@ -52,6 +53,8 @@ def _label(text: str) -> None:
         "retry_delay": timedelta(minutes=1),
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=15),
+        # final failures only (not retried tries): see include/market_data/alerting.py
+        "on_failure_callback": on_task_failure,
     },
     params={
         "start": Param(SETTINGS.ingest_start.isoformat(), type="string", pattern=DATE_PATTERN, title="start (UTC)",

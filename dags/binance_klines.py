@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_parsing_context, task, task_group
 
+from include.market_data.alerting import on_task_failure
 from include.market_data.assets import curated_asset_uri
 from include.market_data.config import SYMBOL_PATTERN, load_settings
 
@@ -78,6 +79,8 @@ def build_dag(interval: str):
             "retry_delay": timedelta(minutes=1),
             "retry_exponential_backoff": True,
             "max_retry_delay": timedelta(minutes=15),
+            # final failures only (not retried tries): see include/market_data/alerting.py
+            "on_failure_callback": on_task_failure,
         },
         params={
             "start": Param(None, type=["null", "string"], pattern=ISO_TIME_PATTERN, title="start (UTC)",

@@ -30,8 +30,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, task
+from airflow.sdk import (Asset, AsyncCallback, CronDataIntervalTimetable, DeadlineAlert, DeadlineReference, Param,
+                         dag, task)
 
+from include.market_data.alerting import (SIGNAL_DEADLINE_AFTER, on_signal_deadline_missed, on_task_failure,
+                                          without_deadline_in_dag_test)
 from include.market_data.assets import curated_asset_uri, signal_asset_uri
 from include.market_data.config import load_settings
 
@@ -60,6 +63,33 @@ def _curated_asset(interval: str) -> Asset:
     return Asset(uri=curated_asset_uri(SETTINGS, interval), name=f"curated_{interval}")
 
 
+# No signal out 30 minutes after RECOMMENDATION_UPDATE_TIME: the scheduler, once the deadline has passed
+# and the run has not succeeded, queues on_signal_deadline_missed on the triggerer (an AsyncCallback).
+# A run that succeeded before its deadline has its deadline deleted (DagRun.update_state ->
+# Deadline.prune_deadlines), so it never fires; a run that failed keeps it, and it fires on time.
+#
+# Reference: DAGRUN_QUEUED_AT, "30 minutes after the run was queued". The wanted time is
+# data_interval_end + 30 min (data_interval_end is RECOMMENDATION_UPDATE_TIME of the signal day, see
+# signal_date), and no built-in reference reads data_interval_end:
+# * a scheduled run is queued when its data interval ends (the scheduler creates it then, QUEUED), so
+#   queued_at + 30 min is data_interval_end + 30 min, give or take the scheduler's loop;
+# * a manual run is queued when triggered, at or after the end of the interval it infers from its logical
+#   date: its deadline is 30 minutes after the trigger (data_interval_end + 30 min when triggered at
+#   RECOMMENDATION_UPDATE_TIME), so a re-run of a past day gets 30 minutes instead of firing at once;
+# * DAGRUN_LOGICAL_DATE would be wrong: a scheduled run's logical date is its data_interval_start, the day
+#   before, so "+30 min" would have passed before the run even exists and fire every day; a manual run's
+#   logical date is its trigger time, or none at all (then no deadline).
+# The exact time needs a custom reference on DagRun.data_interval_end, which Airflow only accepts when an
+# AirflowPlugin registers it in every scheduler (a scheduler without it fails to create the runs).
+# Backfill runs (all queued at once) get deadlines too; the callback logs but does not count them.
+SIGNAL_DEADLINE = DeadlineAlert(
+    name="signal_out",
+    reference=DeadlineReference.DAGRUN_QUEUED_AT,
+    interval=SIGNAL_DEADLINE_AFTER,
+    callback=AsyncCallback(on_signal_deadline_missed),
+)
+
+
 def signal_date(data_interval_end: datetime) -> str:
     """The UTC date whose signal a run writes: the day its data interval ends (at the cutoff)."""
     return data_interval_end.astimezone(timezone.utc).date().isoformat()
@@ -81,7 +111,10 @@ def signal_date(data_interval_end: datetime) -> str:
         "owner": "market-data",
         "retries": 2,
         "retry_delay": timedelta(minutes=2),
+        # final failures only (not retried tries): see include/market_data/alerting.py
+        "on_failure_callback": on_task_failure,
     },
+    deadline=SIGNAL_DEADLINE,
     params={
         "symbol": Param(SETTINGS.symbols[0], type="string", enum=list(SETTINGS.symbols), title="symbol",
                         description="Symbol of the signal, one of BINANCE_SYMBOLS: BTCUSDT."),
@@ -130,7 +163,8 @@ def daily_signal():
     generate_signal(wait_for_fresh_data())
 
 
-daily_signal_dag = daily_signal()
+# dag.test() / `airflow dags test` crash on a DAG with a deadline in Airflow 3.3.2 (see without_deadline_in_dag_test).
+daily_signal_dag = without_deadline_in_dag_test(daily_signal())
 
 if __name__ == "__main__":
     daily_signal_dag.test()

@@ -50,13 +50,13 @@ def get_logger(name: str) -> _LevelFilteredLogger:
     return _LevelFilteredLogger(structlog.get_logger(name), level)
 
 
-def incr(name: str, count: int = 1) -> None:
-    emit("incr", name, count)
+def incr(name: str, count: int = 1, tags: dict[str, str] | None = None) -> None:
+    emit("incr", name, count, tags=tags)
 
 
-def gauge(name: str, value: float) -> None:
-    emit("gauge", name, value)
+def gauge(name: str, value: float, tags: dict[str, str] | None = None) -> None:
+    emit("gauge", name, value, tags=tags)
 
 
-def timing(name: str, milliseconds: float) -> None:
-    emit("timing", name, milliseconds)
+def timing(name: str, milliseconds: float, tags: dict[str, str] | None = None) -> None:
+    emit("timing", name, milliseconds, tags=tags)

@@ -18,13 +18,20 @@ def _statsd_on() -> bool:
     return os.environ.get("AIRFLOW__METRICS__STATSD_ON", "").strip().lower() in ("t", "true", "1")
 
 
-def emit(kind: str, name: str, *args: Any) -> None:
-    """``stats.<kind>(name, *args)``: ``incr``, ``gauge`` or ``timing``."""
+def emit(kind: str, name: str, *args: Any, tags: dict[str, str] | None = None) -> None:
+    """``stats.<kind>(name, *args, tags=tags)``: ``incr``, ``gauge`` or ``timing``.
+
+    ``tags`` go to Airflow's backend as they are: plain StatsD drops them, ``[metrics]
+    statsd_influxdb_enabled`` appends them to the name (``name,k=v``: statsd-exporter turns them into
+    labels), Datadog and OpenTelemetry send them as tags. Keep their values bounded and free of ``,``,
+    ``=``, ``:`` and ``|`` (Airflow drops a tag holding ``,`` or ``=``; ``:`` or ``|`` would break the
+    StatsD line).
+    """
     if "airflow" not in sys.modules and not _statsd_on():
         return
     try:
         from airflow.sdk.observability import stats
 
-        getattr(stats, kind)(name, *args)
+        getattr(stats, kind)(name, *args, tags=tags)
     except Exception:  # noqa: BLE001 - plain Python without Airflow, or a metrics outage
         return

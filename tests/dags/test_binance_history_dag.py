@@ -38,6 +38,17 @@ def test_manual_only_with_params_pool_and_tags():
     assert dag.get_task("ingest_chunk").is_mapped and dag.get_task("curate").is_mapped
 
 
+def test_every_task_reports_its_final_failure():
+    from include.market_data.alerting import on_task_failure
+
+    dag = _dag()
+    assert dag.default_args["on_failure_callback"] is on_task_failure
+    for task in dag.tasks:  # mapped ones keep the callable as given
+        callbacks = task.on_failure_callback
+        assert (callbacks if isinstance(callbacks, list) else [callbacks]) == [on_task_failure], task.task_id
+        assert not task.on_retry_callback, task.task_id
+
+
 @pytest.mark.parametrize("params, ok", [
     ({"start": "2024-01-01", "end": "2024-03-01", "intervals": ["15m", "1h"], "source": "archive"}, True),
     ({"start": "2024-01-01", "source": "ftp"}, False),

@@ -297,3 +297,47 @@ def test_on_an_object_store_one_task_at_a_time_writes_each_partition(monkeypatch
     assert {dag.max_active_runs for dag in remote} == {1}
     # backfill runs are not bound by max_active_runs: the writing tasks themselves are limited
     assert {dag.get_task(t).max_active_tis_per_dag for dag in remote for t in WRITERS} == {1}
+
+
+# --- alerting: the failure callback (include/market_data/alerting.py) -------------------------------
+
+
+def _callbacks(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] if value else []
+
+
+def test_every_task_of_every_dag_reports_its_final_failure():
+    """Every DAG in dags/ (a new one too) has the failure callback in its default_args, so on every task."""
+    from include.market_data.alerting import on_task_failure
+
+    bag = _bag(ROOT / "dags")
+    assert {f"binance_klines_{i}" for i in PIPELINE_INTERVALS} | {"binance_history", "daily_signal"} <= set(bag.dag_ids)
+    for dag in bag.dags.values():
+        assert dag.default_args["on_failure_callback"] is on_task_failure, dag.dag_id
+        for task in dag.tasks:  # mapped ones too
+            assert _callbacks(task.on_failure_callback) == [on_task_failure], (dag.dag_id, task.task_id)
+            assert _callbacks(task.on_retry_callback) == [], (dag.dag_id, task.task_id)  # final failures only
+
+
+def test_a_failed_task_in_dag_test_logs_one_line_and_counts_task_failed(airflow_db, data_env, sandbox, capsys):
+    """A real failure (plan refuses start >= end, AirflowFailException: no retry) runs the callback in
+    the task runner: its log line, and one ``task.failed{dag_id, task_id}`` per failed task instance."""
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    from tests.market_data.test_alerting import statsd_capture
+
+    dag = _bag().dags["binance_klines_1h"]
+    with statsd_capture() as statsd:
+        run = dag.test(run_conf={"start": "2024-03-02", "end": "2024-03-01"})
+        counted = statsd.lines_of("task.failed")
+    assert run.state == DagRunState.FAILED
+    failed = [ti for ti in run.get_task_instances() if ti.state == TaskInstanceState.FAILED]
+    assert "plan" in {ti.task_id for ti in failed}
+    assert sorted(counted) == sorted(f"airflow.task.failed,dag_id=binance_klines_1h,task_id={ti.task_id}:1|c"
+                                     for ti in failed)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "task failed" in line]
+    assert len(lines) == len(failed)
+    (plan_line,) = [line for line in lines if "task_id=plan" in line]
+    for field in ("dag_id=binance_klines_1h", f"run_id={run.run_id}", "map_index=-1", "try_number=1",
+                  "error='AirflowFailException: start=2024-03-02T00:00:00+00:00 must be before end"):
+        assert field in plan_line, (field, plan_line)
