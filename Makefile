@@ -22,6 +22,9 @@ export AIRFLOW__CORE__EXECUTION_API_SERVER_URL := http://localhost:$(AIRFLOW_POR
 export AIRFLOW__METRICS__STATSD_ON ?= True
 export AIRFLOW__METRICS__STATSD_HOST := $(STATSD_HOST)
 export AIRFLOW__METRICS__STATSD_PORT := $(STATSD_PORT)
+# bare metric names, dag/task/pool as tags (labels after include/statsd/mapping.yml), as in airflow.env
+export AIRFLOW__METRICS__LEGACY_NAMES_ON := False
+export AIRFLOW__METRICS__STATSD_INFLUXDB_ENABLED := True
 export AIRFLOW__LOGGING__LOGGING_LEVEL ?= $(or $(LOG_LEVEL),INFO)
 export PYTHONPATH := $(CURDIR)
 export PATH := $(BIN):$(PATH)
