@@ -74,6 +74,15 @@ def request_weight(endpoint: str | None, params: Mapping[str, Any] | None = None
     return with_symbol if has_symbol else without_symbol
 
 
+def checked_budget(budget: int, window_s: float) -> tuple[int, float]:
+    """``(budget, window_s)`` of a limiter, or ``ValueError`` naming the bad one."""
+    if budget < 1:
+        raise ValueError(f"rate-limit budget must be >= 1, got {budget}")
+    if not window_s > 0:
+        raise ValueError(f"rate-limit window must be > 0 s, got {window_s}")
+    return int(budget), float(window_s)
+
+
 class BanActive(Exception):
     """The host banned this IP (418); no request may be sent before ``until_s`` (epoch seconds)."""
 
@@ -127,13 +136,9 @@ class WeightLimiter:
         self._banned_until = 0.0
 
     def configure(self, budget: int, window_s: float) -> None:
-        if budget < 1:
-            raise ValueError(f"rate-limit budget must be >= 1, got {budget}")
-        if not window_s > 0:
-            raise ValueError(f"rate-limit window must be > 0 s, got {window_s}")
+        budget, window_s = checked_budget(budget, window_s)
         with self._condition:
-            self.budget = int(budget)
-            self.window_s = float(window_s)
+            self.budget, self.window_s = budget, window_s
             self._condition.notify_all()
 
     # -- the process-wide registry: one limiter per base URL ------------------------------------

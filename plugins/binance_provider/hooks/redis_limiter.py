@@ -56,6 +56,7 @@ from binance_provider.hooks.rate_limiter import (
     BanActive,
     Reservation,
     _condition_wait,
+    checked_budget,
     host_of,
 )
 
@@ -279,13 +280,9 @@ class RedisWeightLimiter:
         self.base_url = base_url
 
     def configure(self, budget: int, window_s: float) -> None:
-        if budget < 1:
-            raise ValueError(f"rate-limit budget must be >= 1, got {budget}")
-        if not window_s > 0:
-            raise ValueError(f"rate-limit window must be > 0 s, got {window_s}")
+        budget, window_s = checked_budget(budget, window_s)
         with self._condition:
-            self.budget = int(budget)
-            self.window_s = float(window_s)
+            self.budget, self.window_s = budget, window_s
             self._condition.notify_all()
 
     # -- the process-wide registry: one limiter per Redis URL and host ----------------------------
