@@ -19,6 +19,11 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__CORE__PARALLELISM := 4
 export AIRFLOW__API__PORT := $(AIRFLOW_PORT)
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL := http://localhost:$(AIRFLOW_PORT)/execution/
+# airflow standalone starts the scheduler together with the api-server: the first tasks' clients keep
+# retrying (2-4 min) until it answers on /execution/, instead of failing a try with httpx.ConnectError
+export AIRFLOW__WORKERS__EXECUTION_API_RETRIES ?= 25
+export AIRFLOW__WORKERS__EXECUTION_API_RETRY_WAIT_MIN ?= 5
+export AIRFLOW__WORKERS__EXECUTION_API_RETRY_WAIT_MAX ?= 10
 export AIRFLOW__METRICS__STATSD_ON ?= True
 export AIRFLOW__METRICS__STATSD_HOST := $(STATSD_HOST)
 export AIRFLOW__METRICS__STATSD_PORT := $(STATSD_PORT)

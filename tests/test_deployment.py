@@ -985,3 +985,13 @@ def test_dashboard_has_the_required_panels(dashboard):
     per_interval = {o["matcher"]["options"] for p in lag_panels for o in p["fieldConfig"]["overrides"]
                     if any(prop["id"] == "thresholds" for prop in o["properties"])}
     assert per_interval == set(INTERVALS), "lag thresholds per interval"
+
+
+def test_make_run_and_the_standalone_e2e_give_task_clients_the_same_start_up_retries():
+    """The start-up race fix (tasks handed out before the api-server answers) is the Makefile's, and the
+    e2e test on airflow standalone runs with exactly it."""
+    from tests.e2e.helpers import EXECUTION_API_RETRY_ENV
+
+    makefile = (ROOT / "Makefile").read_text()
+    for key, value in EXECUTION_API_RETRY_ENV.items():
+        assert re.search(rf"^export {key} \?= {value}$", makefile, re.M), key
