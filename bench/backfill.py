@@ -67,8 +67,8 @@ def serve_sandbox(cache_days: int) -> int:
     lock = threading.Lock()
     admit = limiter.admit
 
-    def counting_admit(client, weight):
-        admission = admit(client, weight)
+    def counting_admit(client, weight, *args, **kwargs):
+        admission = admit(client, weight, *args, **kwargs)
         window = limiter._clients[client].window
         with lock:
             per_window[window] = max(per_window.get(window, 0), admission.used_weight)
