@@ -187,7 +187,12 @@ class Cluster:
         """Start everything; returns the state (pids, ports, urls). On failure, stops what it started."""
         if self.state().get("processes"):
             raise ClusterError(f"a cluster is already recorded in {self.state_path}: stop it first (make cluster-stop)")
-        shutil.rmtree(self.root, ignore_errors=True)  # a fresh database every time (see AIRFLOW_NOTES: never reuse)
+        # A fresh metadata DB and broker every time (a DB that outlived its Redis leaves adopted tasks stuck
+        # in queued); the data under data/ is kept: every task is a transaction over its own files.
+        if self.root.exists():
+            for entry in self.root.iterdir():
+                if entry.name != "data":
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         (self.root / "logs").mkdir(parents=True)
         started = time.monotonic()
         ports = {name: free_port() for name in ("postgres", "redis", "api", "sandbox")}
@@ -429,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make cluster: {error}", file=sys.stderr)
         return 1
     ports = state["ports"]
-    print(f"cluster up in {state['boot_s']} s: Airflow UI {state['api_url']} (admin / admin), "
+    print(f"cluster up in {state['boot_s']} s: Airflow UI {state['api_url']} (user admin, password in "
+          f"{Path(args.dir) / 'airflow' / 'simple_auth_manager_passwords.json.generated'}), "
           f"PostgreSQL 127.0.0.1:{ports['postgres']}, Redis 127.0.0.1:{ports['redis']}, Binance {state['binance_host']}; "
           f"{args.workers} Celery workers; logs in {Path(args.dir) / 'logs'}; stop with make cluster-stop")
     return 0
