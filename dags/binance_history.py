@@ -23,7 +23,7 @@ from datetime import datetime, timedelta, timezone
 
 from airflow.sdk import Param, dag, task
 
-from include.market_data.alerting import on_task_failure
+from include.market_data.alerting import binance_task_defaults
 from include.market_data.config import SYMBOL_PATTERN, load_settings
 
 SETTINGS = load_settings()
@@ -47,15 +47,7 @@ def _label(text: str) -> None:
     max_active_tasks=8,
     dagrun_timeout=timedelta(hours=48),
     tags=["binance", "market-data", "history"],
-    default_args={
-        "owner": "market-data",
-        "retries": 3,
-        "retry_delay": timedelta(minutes=1),
-        "retry_exponential_backoff": True,
-        "max_retry_delay": timedelta(minutes=15),
-        # final failures only (not retried tries): see include/market_data/alerting.py
-        "on_failure_callback": on_task_failure,
-    },
+    default_args=binance_task_defaults(),
     params={
         "start": Param(SETTINGS.ingest_start.isoformat(), type="string", pattern=DATE_PATTERN, title="start (UTC)",
                        description="First day, inclusive, UTC: 2017-08-17 (BTCUSDT's first candle)."),

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_parsing_context, task, task_group
 
-from include.market_data.alerting import on_task_failure
+from include.market_data.alerting import binance_task_defaults
 from include.market_data.assets import curated_asset_uri
 from include.market_data.config import SYMBOL_PATTERN, load_settings
 
@@ -73,15 +73,7 @@ def build_dag(interval: str):
         max_active_tasks=8,
         dagrun_timeout=timedelta(hours=12),
         tags=["binance", "market-data", "ingestion", interval],
-        default_args={
-            "owner": "market-data",
-            "retries": 3,
-            "retry_delay": timedelta(minutes=1),
-            "retry_exponential_backoff": True,
-            "max_retry_delay": timedelta(minutes=15),
-            # final failures only (not retried tries): see include/market_data/alerting.py
-            "on_failure_callback": on_task_failure,
-        },
+        default_args=binance_task_defaults(),
         params={
             "start": Param(None, type=["null", "string"], pattern=ISO_TIME_PATTERN, title="start (UTC)",
                            description="Window start, inclusive, UTC: 2024-01-31 or 2024-01-31T10:00Z. "

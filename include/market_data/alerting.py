@@ -182,3 +182,17 @@ def without_deadline_in_dag_test(dag: Any) -> Any:
 
     dag.test = test
     return dag
+
+
+def binance_task_defaults() -> dict[str, Any]:
+    """``default_args`` of the DAGs that call Binance (``binance_klines_*``, ``binance_history``): retries
+    with exponential backoff for transient trouble, and :func:`on_task_failure` on a final failure."""
+    return {
+        "owner": "market-data",
+        "retries": 3,
+        "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(minutes=15),
+        # final failures only (not retried tries): see on_task_failure
+        "on_failure_callback": on_task_failure,
+    }

@@ -83,6 +83,18 @@ def checked_budget(budget: int, window_s: float) -> tuple[int, float]:
     return int(budget), float(window_s)
 
 
+def registered(cls, key, make: Callable[[], Any], budget: int, window_s: float):
+    """The limiter ``cls._shared[key]`` (made by ``make`` the first time), following the latest
+    caller's budget and window; its pause and ban state are kept."""
+    with cls._shared_lock:
+        limiter = cls._shared.get(key)
+        if limiter is None:
+            limiter = cls._shared[key] = make()
+        elif (limiter.budget, limiter.window_s) != (int(budget), float(window_s)):
+            limiter.configure(budget, window_s)
+        return limiter
+
+
 class BanActive(Exception):
     """The host banned this IP (418); no request may be sent before ``until_s`` (epoch seconds)."""
 
@@ -152,14 +164,7 @@ class WeightLimiter:
 
         Budget and window follow the latest caller's settings; pause and ban state are kept.
         """
-        key = base_url.rstrip("/")
-        with cls._shared_lock:
-            limiter = cls._shared.get(key)
-            if limiter is None:
-                limiter = cls._shared[key] = cls(budget, window_s)
-            elif (limiter.budget, limiter.window_s) != (int(budget), float(window_s)):
-                limiter.configure(budget, window_s)
-            return limiter
+        return registered(cls, base_url.rstrip("/"), lambda: cls(budget, window_s), budget, window_s)
 
     @classmethod
     def clear_shared(cls) -> None:

@@ -58,6 +58,7 @@ from binance_provider.hooks.rate_limiter import (
     _condition_wait,
     checked_budget,
     host_of,
+    registered,
 )
 
 KEY_PREFIX = "binance:limiter"
@@ -296,14 +297,8 @@ class RedisWeightLimiter:
 
         Budget and window follow the latest caller's settings (the shared state is in Redis).
         """
-        key = (url, host_of(base_url))
-        with cls._shared_lock:
-            limiter = cls._shared.get(key)
-            if limiter is None:
-                limiter = cls._shared[key] = cls(url, base_url, budget, window_s)
-            elif (limiter.budget, limiter.window_s) != (int(budget), float(window_s)):
-                limiter.configure(budget, window_s)
-            return limiter
+        return registered(cls, (url, host_of(base_url)), lambda: cls(url, base_url, budget, window_s), budget,
+                          window_s)
 
     @classmethod
     def clear_shared(cls) -> None:
